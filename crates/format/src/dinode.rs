@@ -25,7 +25,9 @@
 //! 108     4   rdev
 //! 112     8   entries (directories: number of entries, "." and ".." excluded)
 //! 120     8   goal (allocation hint: last block allocated)
-//! 128    ..   payload: inline bytes, or block pointers (u64 LE, 0 = hole)
+//! 128     8   parent (directories: the directory holding it; others: 0). Lets
+//!             rename refuse to move a directory below itself, and gives "..".
+//! 136    ..   payload: inline bytes, or block pointers (u64 LE, 0 = hole)
 //! ```
 //!
 //! Pointer tree (as GFS2's metadata tree): with height h the dinode's P payload
@@ -37,7 +39,7 @@
 use crate::header::{self, BlockType, FormatError, HEADER_SIZE};
 use crate::le;
 
-pub const PAYLOAD_OFFSET: usize = 128;
+pub const PAYLOAD_OFFSET: usize = 136;
 pub const INDIRECT_OFFSET: usize = HEADER_SIZE + 8;
 pub const MAX_HEIGHT: u8 = 5;
 
@@ -112,6 +114,7 @@ pub struct Dinode {
     pub rdev: u32,
     pub entries: u64,
     pub goal: u64,
+    pub parent: u64,
     /// Raw payload (payload_size bytes): inline data/entries or pointers.
     pub payload: Vec<u8>,
 }
@@ -136,6 +139,7 @@ impl Dinode {
             rdev: 0,
             entries: 0,
             goal: 0,
+            parent: 0,
             payload: vec![0u8; payload_size(bs)],
         }
     }
@@ -190,6 +194,7 @@ impl Dinode {
         le::put_u32(b, 108, self.rdev);
         le::put_u64(b, 112, self.entries);
         le::put_u64(b, 120, self.goal);
+        le::put_u64(b, 128, self.parent);
         let n = self.payload.len().min(b.len() - PAYLOAD_OFFSET);
         b[PAYLOAD_OFFSET..PAYLOAD_OFFSET + n].copy_from_slice(&self.payload[..n]);
         header::seal(b, BlockType::Dinode, self.ino, self.generation, fsid);
@@ -219,6 +224,7 @@ impl Dinode {
             rdev: le::u32(buf, 108),
             entries: le::u64(buf, 112),
             goal: le::u64(buf, 120),
+            parent: le::u64(buf, 128),
             payload: buf[PAYLOAD_OFFSET..].to_vec(),
         };
         match d.mode & S_IFMT {
@@ -239,11 +245,10 @@ impl Dinode {
             if d.height == 0 || d.height > MAX_HEIGHT {
                 return Err(bad("pointer tree height"));
             }
-            if d.is_reg() || d.is_symlink() {
-                let blocks = d.size.div_ceil(bs as u64);
-                if blocks > tree_capacity(bs, d.height) {
-                    return Err(bad("size larger than the pointer tree maps"));
-                }
+            // sparse files may be larger than their tree maps (holes read as
+            // zeros), but never larger than the tallest tree
+            if d.size.div_ceil(bs as u64) > tree_capacity(bs, MAX_HEIGHT) {
+                return Err(bad("size larger than any pointer tree maps"));
             }
         }
         if d.is_hashed_dir() && (!d.is_dir() || d.height != 1 || d.dir_depth > 32) {
@@ -315,6 +320,11 @@ mod tests {
         assert!(Dinode::decode(&d.encode(4096, 1), 4242, 1).is_err());
         let mut d = sample(4096);
         d.flags = 0;
+        d.height = 1;
+        d.size = u64::MAX;
+        assert!(Dinode::decode(&d.encode(4096, 1), 4242, 1).is_err());
+        let mut d = sample(4096);
+        d.flags = 0;
         d.height = 0;
         assert!(Dinode::decode(&d.encode(4096, 1), 4242, 1).is_err());
         let mut d = sample(4096);
@@ -324,12 +334,12 @@ mod tests {
 
     #[test]
     fn capacities() {
-        assert_eq!(dinode_ptrs(4096), 496);
+        assert_eq!(dinode_ptrs(4096), 495);
         assert_eq!(indirect_ptrs(4096), 507);
-        assert_eq!(tree_capacity(4096, 1), 496);
-        assert_eq!(tree_capacity(4096, 2), 496 * 507);
+        assert_eq!(tree_capacity(4096, 1), 495);
+        assert_eq!(tree_capacity(4096, 2), 495 * 507);
         assert_eq!(height_for(4096, 1), 1);
-        assert_eq!(height_for(4096, 497), 2);
+        assert_eq!(height_for(4096, 496), 2);
         assert!(tree_capacity(4096, MAX_HEIGHT) * 4096 > 1 << 50);
     }
 
@@ -348,11 +358,11 @@ mod tests {
     proptest! {
         #[test]
         fn dinode_fields_round_trip(mode in prop::sample::select(vec![S_IFREG, S_IFDIR, S_IFLNK]), perm in 0u32..0o7777,
-            uid: u32, gid: u32, nlink: u32, size in 0u64..3968, blocks: u64, sec: i64, nsec in 0u32..1_000_000_000,
+            uid: u32, gid: u32, nlink: u32, size in 0u64..3960, blocks: u64, sec: i64, nsec in 0u32..1_000_000_000,
             generation: u64, rdev: u32, entries: u64, goal: u64) {
             let mut d = Dinode::new(99, generation, mode | perm, 4096);
             d.uid = uid; d.gid = gid; d.nlink = nlink; d.size = size; d.blocks = blocks;
-            d.mtime = Timespec { sec, nsec }; d.rdev = rdev; d.entries = entries; d.goal = goal;
+            d.mtime = Timespec { sec, nsec }; d.rdev = rdev; d.entries = entries; d.goal = goal; d.parent = goal ^ 1;
             let b = d.encode(4096, 3);
             prop_assert_eq!(Dinode::decode(&b, 99, 3).unwrap(), d);
         }

@@ -135,3 +135,19 @@ mod fuzz {
         }
     }
 }
+
+/// Read a little-endian u32 at `off` (0 when out of range). For callers that
+/// peek at raw blocks before choosing a decoder.
+pub fn le_u32(b: &[u8], off: usize) -> u32 {
+    le::u32(b, off)
+}
+
+/// Read a little-endian u64 at `off` (0 when out of range).
+pub fn le_u64(b: &[u8], off: usize) -> u64 {
+    le::u64(b, off)
+}
+
+/// Write a little-endian u64 at `off` (ignored when out of range).
+pub fn le_put_u64(b: &mut [u8], off: usize, v: u64) {
+    le::put_u64(b, off, v)
+}

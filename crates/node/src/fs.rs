@@ -1,0 +1,398 @@
+//! The mounted filesystem (GFS2's super.c): mount, unmount, statfs, withdraw, and
+//! the glue that lets the glock layer sync and invalidate what a lock covers.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use mcfs_blockdev::BlockDevice;
+use mcfs_format::geometry::Geometry;
+use mcfs_format::header::{self, BlockType};
+use mcfs_format::sb::{LockProto, Superblock};
+
+use crate::buf::{Buf, BufCache};
+use crate::error::{FsError, Result};
+use crate::glock::{GlockOps, GlockTable, Holder, LockBackend, LockName, MaySleep, Mode};
+use crate::icache::budget::Budget;
+use crate::icache::{EvictMode, ICache};
+use crate::log::Log;
+use crate::recovery::{self, ReplayReport};
+
+/// How a node mounts.
+#[derive(Clone)]
+pub struct MountOptions {
+    pub node_id: u32,
+    pub cache_mem: u64,
+    pub evict: EvictMode,
+    /// Minimum time a glock is kept before a remote demote is honoured.
+    pub min_hold: Duration,
+    /// Background log flush interval.
+    pub flush_interval: Duration,
+    /// Mount a `dlm` filesystem with no lock server (dangerous).
+    pub force_nolock: bool,
+    /// Deallocator retry backoff (jittered between min and max).
+    pub dealloc_backoff: (Duration, Duration),
+    /// Longest unmount waits for deferred deallocations.
+    pub drain_timeout: Duration,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            node_id: 1,
+            cache_mem: 256 << 20,
+            evict: EvictMode::Nonblocking,
+            min_hold: Duration::from_millis(10),
+            flush_interval: Duration::from_secs(1),
+            force_nolock: false,
+            dealloc_backoff: (Duration::from_millis(100), Duration::from_millis(1000)),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct FsStats {
+    pub blocks_allocated: AtomicU64,
+    pub blocks_freed: AtomicU64,
+    pub inodes_created: AtomicU64,
+    pub inodes_deallocated: AtomicU64,
+    pub data_bytes_read: AtomicU64,
+    pub data_bytes_written: AtomicU64,
+    pub ops: AtomicU64,
+    pub errors: AtomicU64,
+    pub journals_replayed: AtomicU64,
+}
+
+/// A mounted mcfs.
+pub struct Fs {
+    pub dev: Arc<dyn BlockDevice>,
+    pub sb: Superblock,
+    pub geo: Geometry,
+    pub fsid: u32,
+    pub bs: usize,
+    pub node_id: u32,
+    pub opts: MountOptions,
+    pub glocks: Arc<GlockTable>,
+    pub bufs: BufCache,
+    pub log: Log,
+    pub budget: Arc<Budget>,
+    pub icache: ICache,
+    pub stats: FsStats,
+    pub(crate) rgrp_hint: AtomicUsize,
+    pub withdrawn: Arc<AtomicBool>,
+    withdraw_reason: Mutex<Option<String>>,
+    journal: Mutex<Option<Holder>>,
+    pub replays: Mutex<Vec<ReplayReport>>,
+    pub mounted_at: Instant,
+    stopping: AtomicBool,
+    me: Weak<Fs>,
+}
+
+/// Read and check the superblock (the backup when the primary is damaged).
+pub fn read_superblock(dev: &dyn BlockDevice) -> Result<Superblock> {
+    let mut probe = vec![0u8; 65536.min(dev.size() as usize).max(512)];
+    let sb_off = mcfs_format::geometry::SB_OFFSET;
+    if dev.size() < sb_off + 4096 {
+        return Err(FsError::Invalid("device too small to hold an mcfs filesystem".into()));
+    }
+    // The primary superblock sits at 64 KiB whatever the block size.
+    let n = probe.len().min(65536);
+    probe.truncate(n);
+    dev.read_at(sb_off, &mut probe[..4096.max(dev.sector_size() as usize).min(n)])?;
+    let bs = mcfs_format::le_u32(&probe, 48);
+    let primary = if (512..=65536).contains(&bs) && bs.is_power_of_two() {
+        let mut b = vec![0u8; bs as usize];
+        dev.read_at(sb_off, &mut b)?;
+        Superblock::decode(&b, sb_off / bs as u64)
+    } else {
+        Superblock::decode(&probe, sb_off / 4096)
+    };
+    primary.map_err(FsError::Corrupt)
+}
+
+impl Fs {
+    /// Mount: read the superblock, claim and replay journals, start the workers.
+    pub fn mount(dev: Arc<dyn BlockDevice>, backend: Arc<dyn LockBackend>, opts: MountOptions) -> Result<Arc<Fs>> {
+        let sb = read_superblock(dev.as_ref())?;
+        let geo = sb.geometry;
+        if geo.block_count * geo.block_size as u64 > dev.size() {
+            return Err(FsError::Invalid(format!(
+                "the superblock describes {} bytes but the device has only {}",
+                geo.block_count * geo.block_size as u64,
+                dev.size()
+            )));
+        }
+        if backend.kind() == "nolock" && sb.lock_proto == LockProto::Dlm && !opts.force_nolock {
+            return Err(FsError::Invalid(format!(
+                "{} was made for cluster locking (dlm); mounting it without a lock server risks corruption if another node mounts it. Use --dlm ADDR, or --force-nolock if you are sure no other node uses it",
+                sb.table()
+            )));
+        }
+        let budget = Budget::new(opts.cache_mem);
+        let glocks = GlockTable::new(backend, opts.min_hold);
+        let withdrawn = Arc::new(AtomicBool::new(false));
+        let ms = MaySleep::new().ok_or_else(|| FsError::Other("mount from reclaim".into()))?;
+
+        // Claim a journal slot: the first whose lock we get at once.
+        let mut mine: Option<(u32, Holder)> = None;
+        let mut others = Vec::new();
+        for slot in 0..geo.journal_count {
+            match glocks.try_acquire(LockName::Journal(slot), Mode::EX) {
+                Ok(h) if mine.is_none() => mine = Some((slot, h)),
+                Ok(h) => others.push((slot, h)),
+                Err(FsError::WouldBlock) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let Some((slot, jholder)) = mine else {
+            return Err(FsError::Invalid(format!(
+                "no free journal slot: all {} journals are in use (make more with mkfs.mcfs -j, or unmount a node)",
+                geo.journal_count
+            )));
+        };
+        let _ = ms;
+        // Journals nobody holds: replay the dirty ones (first mounter after a
+        // whole-cluster crash), then let them go.
+        let mut reports = Vec::new();
+        for (s, h) in others {
+            let (r, _) = recovery::replay(dev.as_ref(), &sb, s, &budget, opts.node_id)?;
+            if !r.was_clean {
+                reports.push(r);
+            }
+            drop(h);
+        }
+        let (r, pos) = recovery::replay(dev.as_ref(), &sb, slot, &budget, opts.node_id)?;
+        if !r.was_clean {
+            reports.push(r);
+        }
+        let fsid = sb.fsid();
+        let bs = geo.block_size as usize;
+        let log = Log::new(dev.clone(), bs, fsid, opts.node_id, pos, budget.clone(), withdrawn.clone());
+        let evict = opts.evict;
+        let fs = Arc::new_cyclic(|me| Fs {
+            dev,
+            sb,
+            geo,
+            fsid,
+            bs,
+            node_id: opts.node_id,
+            opts,
+            glocks: glocks.clone(),
+            bufs: BufCache::new(budget.clone()),
+            log,
+            budget: budget.clone(),
+            icache: ICache::new(evict),
+            stats: FsStats::default(),
+            rgrp_hint: AtomicUsize::new(0),
+            withdrawn,
+            withdraw_reason: Mutex::new(None),
+            journal: Mutex::new(Some(jholder)),
+            replays: Mutex::new(Vec::new()),
+            mounted_at: Instant::now(),
+            stopping: AtomicBool::new(false),
+            me: me.clone(),
+        });
+        fs.stats.journals_replayed.store(reports.len() as u64, Ordering::Relaxed);
+        *fs.replays.lock().unwrap_or_else(|p| p.into_inner()) = reports;
+        let ops: Arc<dyn GlockOps> = fs.clone();
+        glocks.start(Arc::downgrade(&ops));
+        let rec: Arc<dyn crate::icache::budget::Reclaimer> = fs.clone();
+        budget.set_reclaimer(Arc::downgrade(&rec));
+        budget.start_background();
+        fs.start_flusher();
+        fs.start_deallocator();
+        tracing::info!(table = %fs.sb.table(), slot, node = fs.node_id, lock = fs.glocks.backend_kind(), "mounted");
+        Ok(fs)
+    }
+
+    pub fn arc(&self) -> Option<Arc<Fs>> {
+        self.me.upgrade()
+    }
+
+    pub fn journal_slot(&self) -> u32 {
+        self.log.slot()
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    fn start_flusher(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        let every = self.opts.flush_interval;
+        let _ = std::thread::Builder::new().name("log-flush".into()).spawn(move || loop {
+            std::thread::sleep(every);
+            let Some(fs) = me.upgrade() else { return };
+            if fs.is_stopping() || fs.is_withdrawn() {
+                return;
+            }
+            if let Err(e) = fs.log.flush().and_then(|_| fs.log.maybe_checkpoint()) {
+                fs.withdraw(&format!("background log flush failed: {e}"));
+            }
+        });
+    }
+
+    /// Read a metadata block through the cache, verifying its header (type,
+    /// self-address, filesystem id, checksum) and then `check`.
+    pub fn read_meta(&self, blkno: u64, owner: LockName, ty: BlockType, check: impl Fn(&[u8], &Fs) -> std::result::Result<(), mcfs_format::FormatError>) -> Result<Arc<Buf>> {
+        if let Some(b) = self.bufs.get(blkno) {
+            return Ok(b);
+        }
+        if blkno >= self.geo.block_count {
+            return Err(self.inconsistent(format!("{} pointer to block {blkno} beyond the end of the filesystem", ty.name())));
+        }
+        self.check_live()?;
+        let data = match self.log.ail_image(blkno) {
+            Some(img) => img.as_ref().clone(),
+            None => {
+                let mut v = vec![0u8; self.bs];
+                self.dev.read_at(blkno * self.bs as u64, &mut v)?;
+                v
+            }
+        };
+        if let Err(e) = header::verify(&data, ty, blkno, Some(self.fsid)).and_then(|_| check(&data, self)) {
+            return Err(self.corrupt(e));
+        }
+        Ok(self.bufs.insert(blkno, owner, data))
+    }
+
+    /// Record an on-disk inconsistency and withdraw; returns the error to give.
+    pub fn corrupt(&self, e: mcfs_format::FormatError) -> FsError {
+        self.withdraw(&e.to_string());
+        FsError::Corrupt(e)
+    }
+
+    pub fn inconsistent(&self, what: String) -> FsError {
+        self.withdraw(&what);
+        FsError::Withdrawn(what)
+    }
+
+    /// Stop writing to the device for good and report why (GFS2's withdraw).
+    pub fn withdraw(&self, why: &str) {
+        if !self.withdrawn.swap(true, Ordering::SeqCst) {
+            tracing::error!(node = self.node_id, "withdrawing from the filesystem: {why}");
+            *self.withdraw_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.to_string());
+        }
+    }
+
+    pub fn is_withdrawn(&self) -> bool {
+        self.withdrawn.load(Ordering::SeqCst)
+    }
+
+    pub fn withdraw_reason(&self) -> Option<String> {
+        self.withdraw_reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn check_live(&self) -> Result<()> {
+        if self.is_withdrawn() {
+            return Err(FsError::Withdrawn(self.withdraw_reason().unwrap_or_default()));
+        }
+        Ok(())
+    }
+
+    /// Unmount: finish deallocations, write everything back, leave the journal
+    /// clean, release every lock.
+    pub fn unmount(&self) -> Result<()> {
+        if self.stopping.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let res = if self.is_withdrawn() {
+            Err(FsError::Withdrawn(self.withdraw_reason().unwrap_or_default()))
+        } else {
+            self.evict_all_for_unmount()
+                .and_then(|_| self.drain_deferred(self.opts.drain_timeout))
+                .and_then(|_| self.log.shutdown_clean())
+                .and_then(|_| self.glocks.release_all())
+        };
+        self.glocks.stop();
+        self.budget.stop();
+        // The journal lock goes last: our journal is clean (or we withdrew, and
+        // then recovery must replay it: keep it until the process ends).
+        if res.is_ok() {
+            self.journal.lock().unwrap_or_else(|p| p.into_inner()).take();
+        }
+        match &res {
+            Ok(()) => tracing::info!(node = self.node_id, "unmounted cleanly"),
+            Err(e) => tracing::error!(node = self.node_id, "unmount: {e}"),
+        }
+        res
+    }
+
+    /// Free and total blocks and inodes, including space that pending
+    /// deallocations will free.
+    pub fn statfs(&self, ms: &MaySleep) -> Result<StatFs> {
+        let mut free = 0u64;
+        let mut dinodes = 0u64;
+        let mut unlinked = 0u64;
+        for l in self.geo.rgrps() {
+            let name = LockName::Rgrp(l.index);
+            let h = match self.glocks.try_acquire(name, Mode::PR) {
+                Ok(h) => h,
+                Err(FsError::WouldBlock) => self.glocks.acquire(name, Mode::PR, ms)?,
+                Err(e) => return Err(e),
+            };
+            let hdr = self.rgrp_header(&l)?;
+            free += hdr.free as u64;
+            dinodes += hdr.dinodes as u64;
+            unlinked += hdr.unlinked as u64;
+            drop(h);
+        }
+        let pending = self.icache.deferred_blocks();
+        let total = self.geo.data_blocks();
+        Ok(StatFs {
+            blocks: total,
+            bfree: free,
+            bavail: free + pending,
+            files: dinodes + unlinked + free,
+            ffree: free,
+            bsize: self.bs as u32,
+            namelen: mcfs_format::dir::NAME_LEN_MAX as u32,
+            pending_dealloc_blocks: pending,
+            unlinked_inodes: unlinked,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    /// Free for users: includes blocks that queued deallocations will free.
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub pending_dealloc_blocks: u64,
+    pub unlinked_inodes: u64,
+}
+
+impl GlockOps for Fs {
+    fn sync(&self, name: LockName) -> Result<()> {
+        match name {
+            LockName::Inode(_) | LockName::Rgrp(_) => {
+                if self.is_withdrawn() {
+                    return Err(FsError::Withdrawn("cannot sync after withdraw".into()));
+                }
+                self.log.sync_owner(name)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn invalidate(&self, name: LockName) {
+        self.bufs.invalidate(name);
+        if let LockName::Inode(ino) = name {
+            self.icache.invalidate_data(ino);
+        }
+    }
+
+    fn iopen_wanted(&self, ino: u64) {
+        self.icache.iopen_wanted(self, ino);
+    }
+
+    fn fatal(&self, err: &FsError) {
+        self.withdraw(&format!("demote failed: {err}"));
+    }
+}

@@ -1,0 +1,793 @@
+//! Glocks: the node's cached view of cluster locks (GFS2's glock.c).
+//!
+//! Every inode, iopen, rgrp and journal has a glock backed by one lock in the lock
+//! manager ([`LockBackend`]: mcfs-dlm, or nothing at all for `nolock`). A glock
+//! stays granted after its last local holder leaves ("cached"), so a node that
+//! keeps working on the same files talks to the lock manager once. When another
+//! node wants the lock, the lock manager sends a blocking callback; the glock then
+//! waits for its local holders to leave (and for the minimum hold time, so lock
+//! ping-pong cannot starve work), asks its [`GlockOps`] to sync what the lock
+//! covers (log flush, write-back in place, revokes) and, when the remote node wants
+//! it exclusively, to invalidate the cached copies, and only then demotes.
+//!
+//! Local holders follow reader/writer rules: any number of shared holders, or one
+//! exclusive holder, on this node. Lock order (as GFS2): rename lock, then inode
+//! glocks in inode-number order, then rgrp glocks in index order, then the log.
+//! No thread waits for a glock inside a transaction, which is what makes the log
+//! flush a demote needs always able to run.
+//!
+//! Sleeping is a property of the calling context, carried by types: a blocking
+//! acquire needs a [`MaySleep`] token, which memory reclaim never has (it gets a
+//! [`NoSleep`] and can only use [`GlockTable::try_acquire`]). A thread-local
+//! "in reclaim" flag backs the types up at run time: a blocking request from
+//! reclaim is refused and counted, and the tests assert the count stays zero.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use crate::error::{FsError, Result};
+
+/// Lock modes (the VMS/Linux DLM six).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum Mode {
+    NL,
+    CR,
+    CW,
+    PR,
+    PW,
+    EX,
+}
+
+/// What a glock protects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LockName {
+    /// Cross-directory rename serialisation (GFS2's rename lock).
+    Rename,
+    /// A dinode, its indirect blocks, directory blocks and file data.
+    Inode(u64),
+    /// "Someone has this inode in memory": held shared while cached.
+    Iopen(u64),
+    /// A resource group's header and bitmaps.
+    Rgrp(u32),
+    /// A journal slot.
+    Journal(u32),
+}
+
+impl LockName {
+    /// The lock manager resource name.
+    pub fn resource(&self) -> Vec<u8> {
+        match self {
+            LockName::Rename => b"rename".to_vec(),
+            LockName::Inode(n) => format!("inode/{n}").into_bytes(),
+            LockName::Iopen(n) => format!("iopen/{n}").into_bytes(),
+            LockName::Rgrp(n) => format!("rgrp/{n}").into_bytes(),
+            LockName::Journal(n) => format!("journal/{n}").into_bytes(),
+        }
+    }
+
+    pub fn parse(res: &[u8]) -> Option<LockName> {
+        let s = std::str::from_utf8(res).ok()?;
+        if s == "rename" {
+            return Some(LockName::Rename);
+        }
+        let (k, n) = s.split_once('/')?;
+        Some(match k {
+            "inode" => LockName::Inode(n.parse().ok()?),
+            "iopen" => LockName::Iopen(n.parse().ok()?),
+            "rgrp" => LockName::Rgrp(n.parse().ok()?),
+            "journal" => LockName::Journal(n.parse().ok()?),
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for LockName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&String::from_utf8_lossy(&self.resource()))
+    }
+}
+
+/// Request flags understood by backends.
+pub mod flags {
+    /// Fail at once instead of waiting.
+    pub const NOQUEUE: u32 = 1;
+    /// Recovery: ignore locks of fenced nodes awaiting replay.
+    pub const NOEXP: u32 = 1024;
+    /// With NOQUEUE: still tell the holders that someone wants the lock.
+    pub const NOQUEUEBAST: u32 = 128;
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct BackendGrant {
+    pub id: u64,
+    pub lvb: Vec<u8>,
+    pub lvb_valid: bool,
+}
+
+/// Errors from a backend.
+#[derive(Debug, Clone)]
+pub enum LockError {
+    /// NOQUEUE and not grantable now.
+    WouldBlock,
+    /// Lost session, server unreachable, refused.
+    Failed(String),
+}
+
+/// The lock manager as the glock layer sees it. Calls block the calling thread.
+pub trait LockBackend: Send + Sync {
+    fn lock(&self, res: &[u8], mode: Mode, flags: u32) -> Result<BackendGrant, LockError>;
+    fn convert(&self, id: u64, mode: Mode, flags: u32) -> Result<BackendGrant, LockError>;
+    fn unlock(&self, id: u64, lvb: Option<&[u8]>) -> Result<(), LockError>;
+    /// A short name for status output ("dlm", "nolock").
+    fn kind(&self) -> &'static str;
+}
+
+/// `nolock`: a single node, every request granted at once, no callbacks.
+#[derive(Default)]
+pub struct NoLock {
+    next: AtomicU64,
+}
+
+impl LockBackend for NoLock {
+    fn lock(&self, _res: &[u8], _mode: Mode, _flags: u32) -> Result<BackendGrant, LockError> {
+        Ok(BackendGrant { id: self.next.fetch_add(1, Ordering::Relaxed) + 1, lvb: Vec::new(), lvb_valid: true })
+    }
+    fn convert(&self, id: u64, _mode: Mode, _flags: u32) -> Result<BackendGrant, LockError> {
+        Ok(BackendGrant { id, lvb: Vec::new(), lvb_valid: true })
+    }
+    fn unlock(&self, _id: u64, _lvb: Option<&[u8]>) -> Result<(), LockError> {
+        Ok(())
+    }
+    fn kind(&self) -> &'static str {
+        "nolock"
+    }
+}
+
+/// What a glock's owner does around a demote.
+pub trait GlockOps: Send + Sync {
+    /// Make everything this node changed under `name` durable in place, and revoke
+    /// its journal copies, so the next holder sees it and replay cannot undo it.
+    fn sync(&self, name: LockName) -> Result<()>;
+    /// Forget every cached copy of what `name` covers.
+    fn invalidate(&self, name: LockName);
+    /// Another node wants an iopen lock this node holds (it wants to deallocate).
+    fn iopen_wanted(&self, ino: u64);
+    /// A fatal error during a demote: withdraw.
+    fn fatal(&self, err: &FsError);
+}
+
+thread_local! {
+    static IN_RECLAIM: Cell<bool> = const { Cell::new(false) };
+    static IN_TX: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Counts blocking lock requests attempted from a context that may not sleep.
+/// Must stay zero; exported in status and asserted by tests.
+pub static SLEEP_VIOLATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// Proof that the current context may sleep on a cluster lock: FUSE requests,
+/// the deallocator task, unmount, recovery. Reclaim never holds one.
+#[derive(Debug)]
+pub struct MaySleep {
+    _p: (),
+}
+
+impl MaySleep {
+    /// For a context that may sleep. Refused (and counted) inside reclaim.
+    pub fn new() -> Option<MaySleep> {
+        if in_reclaim() {
+            SLEEP_VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(MaySleep { _p: () })
+    }
+    /// Only for `--evict=sync`: the GFS2-like behaviour, kept so the seed deadlock
+    /// can be reproduced. Reclaim then blocks on cluster locks on purpose.
+    pub fn gfs2_compat_from_reclaim() -> MaySleep {
+        MaySleep { _p: () }
+    }
+}
+
+/// The reclaim context: may not sleep on a cluster lock.
+#[derive(Debug)]
+pub struct NoSleep {
+    _p: (),
+}
+
+/// Marks the current thread as reclaiming while alive.
+pub struct ReclaimScope {
+    prev: bool,
+    pub ctx: NoSleep,
+}
+
+impl ReclaimScope {
+    pub fn enter() -> ReclaimScope {
+        let prev = IN_RECLAIM.with(|c| c.replace(true));
+        ReclaimScope { prev, ctx: NoSleep { _p: () } }
+    }
+}
+
+impl Drop for ReclaimScope {
+    fn drop(&mut self) {
+        IN_RECLAIM.with(|c| c.set(self.prev));
+    }
+}
+
+pub fn in_reclaim() -> bool {
+    IN_RECLAIM.with(|c| c.get())
+}
+
+/// Transaction nesting marker (maintained by the log).
+pub fn tx_enter() {
+    IN_TX.with(|c| c.set(c.get() + 1));
+}
+pub fn tx_exit() {
+    IN_TX.with(|c| c.set(c.get().saturating_sub(1)));
+}
+pub fn in_tx() -> bool {
+    IN_TX.with(|c| c.get() > 0)
+}
+
+#[derive(Debug, Default)]
+struct GlState {
+    /// DLM lock id and granted mode; None = unlocked.
+    granted: Option<(u64, Mode)>,
+    holders_sh: u32,
+    holder_ex: bool,
+    /// A lock-manager request or a demote is running.
+    busy: bool,
+    /// Mode another node is waiting for (from a blocking callback).
+    demote: Option<Mode>,
+    demote_since: Option<Instant>,
+    acquired_at: Option<Instant>,
+    waiters: u32,
+    lvb: Vec<u8>,
+    requests: u64,
+    demotes: u64,
+}
+
+pub struct Glock {
+    pub name: LockName,
+    st: Mutex<GlState>,
+    cv: Condvar,
+}
+
+impl Glock {
+    fn lock_st(&self) -> std::sync::MutexGuard<'_, GlState> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A local hold on a glock; released on drop.
+pub struct Holder {
+    gl: Arc<Glock>,
+    table: Weak<GlockTable>,
+    pub mode: Mode,
+}
+
+impl Holder {
+    pub fn name(&self) -> LockName {
+        self.gl.name
+    }
+    /// The lock value block as last granted.
+    pub fn lvb(&self) -> Vec<u8> {
+        self.gl.lock_st().lvb.clone()
+    }
+}
+
+impl fmt::Debug for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Holder({} {:?})", self.gl.name, self.mode)
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let need_demote = {
+            let mut st = self.gl.lock_st();
+            if self.mode == Mode::EX {
+                st.holder_ex = false;
+            } else {
+                st.holders_sh = st.holders_sh.saturating_sub(1);
+            }
+            let idle = !st.holder_ex && st.holders_sh == 0;
+            self.gl.cv.notify_all();
+            idle && st.demote.is_some() && !st.busy
+        };
+        if need_demote {
+            if let Some(t) = self.table.upgrade() {
+                t.queue_demote(self.gl.name);
+            }
+        }
+    }
+}
+
+/// Counters for status.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct GlockCounts {
+    pub total: usize,
+    pub exclusive: usize,
+    pub shared: usize,
+    pub unlocked: usize,
+    pub with_holders: usize,
+    pub demote_pending: usize,
+}
+
+/// One entry of a glock dump (`mcfs glocks`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GlockDump {
+    pub name: String,
+    pub state: String,
+    pub lock_id: u64,
+    pub holders_shared: u32,
+    pub holder_exclusive: bool,
+    pub waiters: u32,
+    pub demote_wanted: Option<Mode>,
+    pub busy: bool,
+    pub requests: u64,
+    pub demotes: u64,
+}
+
+pub struct GlockTable {
+    map: Mutex<HashMap<LockName, Arc<Glock>>>,
+    by_id: Mutex<HashMap<u64, LockName>>,
+    backend: Arc<dyn LockBackend>,
+    ops: Mutex<Option<Weak<dyn GlockOps>>>,
+    demote_q: Mutex<Vec<LockName>>,
+    demote_cv: Condvar,
+    pub min_hold: Duration,
+    shutdown: std::sync::atomic::AtomicBool,
+    me: Weak<GlockTable>,
+    /// What each thread currently waits for (status: "blocked on ...").
+    waiting: Mutex<HashMap<std::thread::ThreadId, (LockName, Mode, Instant)>>,
+}
+
+impl GlockTable {
+    pub fn new(backend: Arc<dyn LockBackend>, min_hold: Duration) -> Arc<GlockTable> {
+        Arc::new_cyclic(|me| GlockTable {
+            map: Mutex::new(HashMap::new()),
+            by_id: Mutex::new(HashMap::new()),
+            backend,
+            ops: Mutex::new(None),
+            demote_q: Mutex::new(Vec::new()),
+            demote_cv: Condvar::new(),
+            min_hold,
+            shutdown: false.into(),
+            me: me.clone(),
+            waiting: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn backend_kind(&self) -> &'static str {
+        self.backend.kind()
+    }
+
+    /// Connect the filesystem that syncs and invalidates on demote, and start the
+    /// demote worker.
+    pub fn start(self: &Arc<Self>, ops: Weak<dyn GlockOps>) {
+        *self.ops.lock().unwrap_or_else(|p| p.into_inner()) = Some(ops);
+        let me = Arc::downgrade(self);
+        let _ = std::thread::Builder::new().name("glock-demote".into()).spawn(move || demote_worker(me));
+    }
+
+    pub fn stop(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+        self.demote_cv.notify_all();
+    }
+
+    fn get(&self, name: LockName) -> Arc<Glock> {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(name)
+            .or_insert_with(|| Arc::new(Glock { name, st: Mutex::new(GlState::default()), cv: Condvar::new() }))
+            .clone()
+    }
+
+    /// Blocking acquire: waits for local and remote conflicts.
+    pub fn acquire(&self, name: LockName, mode: Mode, _ctx: &MaySleep) -> Result<Holder> {
+        self.acquire_flags(name, mode, 0, true)
+    }
+
+    /// Acquire for recovery of a dead node's journal (NOEXP).
+    pub fn acquire_noexp(&self, name: LockName, mode: Mode, _ctx: &MaySleep) -> Result<Holder> {
+        self.acquire_flags(name, mode, flags::NOEXP, true)
+    }
+
+    /// Try-acquire: never waits for another node. Returns `WouldBlock` when the
+    /// lock is held elsewhere (or locally in a conflicting mode). Safe from reclaim.
+    pub fn try_acquire(&self, name: LockName, mode: Mode) -> Result<Holder> {
+        self.acquire_flags(name, mode, flags::NOQUEUE, false)
+    }
+
+    /// Try-acquire that also tells the holders someone wants it (iopen protocol).
+    pub fn try_acquire_bast(&self, name: LockName, mode: Mode) -> Result<Holder> {
+        self.acquire_flags(name, mode, flags::NOQUEUE | flags::NOQUEUEBAST, false)
+    }
+
+    fn acquire_flags(&self, name: LockName, mode: Mode, fl: u32, may_sleep: bool) -> Result<Holder> {
+        if may_sleep && in_reclaim() {
+            SLEEP_VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+            return Err(FsError::WouldBlock);
+        }
+        if may_sleep && in_tx() {
+            return Err(FsError::Other(format!("internal: blocking acquire of {name} inside a transaction")));
+        }
+        let mode = if mode >= Mode::PW { Mode::EX } else { Mode::PR };
+        let gl = self.get(name);
+        let mut st = gl.lock_st();
+        loop {
+            let local_conflict = st.holder_ex || (mode == Mode::EX && st.holders_sh > 0);
+            // A remote waiter that has waited the minimum hold time goes first.
+            let yield_to_remote = st.demote.is_some() && st.acquired_at.is_none_or(|t| t.elapsed() >= self.min_hold);
+            if st.busy || local_conflict || (yield_to_remote && st.granted.is_some()) {
+                if !may_sleep {
+                    return Err(FsError::WouldBlock);
+                }
+                st.waiters += 1;
+                self.set_waiting(name, mode, true);
+                st = gl.cv.wait_timeout(st, Duration::from_millis(200)).map(|r| r.0).unwrap_or_else(|p| p.into_inner().0);
+                st.waiters -= 1;
+                continue;
+            }
+            match st.granted {
+                Some((_, g)) if g >= mode => {
+                    add_holder(&mut st, mode);
+                    self.set_waiting(name, mode, false);
+                    return Ok(Holder { gl: gl.clone(), table: self.me.clone(), mode });
+                }
+                _ => {}
+            }
+            // Need the lock manager. Upgrades release first (no conversion
+            // deadlocks between two shared holders), so the cache is dropped too.
+            st.busy = true;
+            let old = st.granted.take();
+            drop(st);
+            if let Some((id, _)) = old {
+                if let Err(e) = self.release_for_upgrade(name, id) {
+                    let mut st2 = gl.lock_st();
+                    st2.busy = false;
+                    gl.cv.notify_all();
+                    self.set_waiting(name, mode, false);
+                    return Err(e);
+                }
+            }
+            if may_sleep {
+                self.set_waiting(name, mode, true);
+            }
+            let res = self.backend.lock(&name.resource(), mode, fl);
+            self.set_waiting(name, mode, false);
+            st = gl.lock_st();
+            st.busy = false;
+            st.requests += 1;
+            gl.cv.notify_all();
+            match res {
+                Ok(g) => {
+                    st.granted = Some((g.id, mode));
+                    st.lvb = g.lvb;
+                    st.acquired_at = Some(Instant::now());
+                    st.demote = None;
+                    st.demote_since = None;
+                    self.by_id.lock().unwrap_or_else(|p| p.into_inner()).insert(g.id, name);
+                    add_holder(&mut st, mode);
+                    return Ok(Holder { gl: gl.clone(), table: self.me.clone(), mode });
+                }
+                Err(LockError::WouldBlock) => return Err(FsError::WouldBlock),
+                Err(LockError::Failed(m)) => return Err(FsError::Lock(format!("{name}: {m}"))),
+            }
+        }
+    }
+
+    fn set_waiting(&self, name: LockName, mode: Mode, on: bool) {
+        let mut w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let id = std::thread::current().id();
+        if on {
+            w.entry(id).or_insert((name, mode, Instant::now()));
+        } else {
+            w.remove(&id);
+        }
+    }
+
+    /// Locks threads are waiting for right now, longest first: (lock, mode, waited).
+    pub fn waiting(&self) -> Vec<(LockName, Mode, Duration)> {
+        let w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = w.values().map(|(n, m, t)| (*n, *m, t.elapsed())).collect();
+        v.sort_by(|a, b| b.2.cmp(&a.2));
+        v
+    }
+
+    fn release_for_upgrade(&self, name: LockName, id: u64) -> Result<()> {
+        if let Some(ops) = self.ops() {
+            ops.sync(name)?;
+            ops.invalidate(name);
+        }
+        self.by_id.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.backend.unlock(id, None).map_err(|e| FsError::Lock(format!("{name}: {e:?}")))
+    }
+
+    fn ops(&self) -> Option<Arc<dyn GlockOps>> {
+        self.ops.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|w| w.upgrade())
+    }
+
+    /// A blocking callback from the lock manager: another node waits for `mode`.
+    pub fn blocking_callback(&self, lock_id: u64, res: &[u8], mode: Mode) {
+        let name = match self.by_id.lock().unwrap_or_else(|p| p.into_inner()).get(&lock_id).copied() {
+            Some(n) => n,
+            None => match LockName::parse(res) {
+                Some(n) => n,
+                None => return,
+            },
+        };
+        if let LockName::Iopen(ino) = name {
+            // Holding iopen means "in memory here": the owner decides whether to
+            // let go (evict) or keep the duty to deallocate.
+            if let Some(ops) = self.ops() {
+                ops.iopen_wanted(ino);
+            }
+            return;
+        }
+        let gl = self.get(name);
+        let idle = {
+            let mut st = gl.lock_st();
+            if st.granted.map(|g| g.0) != Some(lock_id) {
+                return; // stale callback for a lock we no longer hold
+            }
+            let m = st.demote.map_or(mode, |d| d.max(mode));
+            st.demote = Some(m);
+            st.demote_since.get_or_insert_with(Instant::now);
+            gl.cv.notify_all();
+            !st.busy && !st.holder_ex && st.holders_sh == 0
+        };
+        if idle {
+            self.queue_demote(name);
+        }
+    }
+
+    fn queue_demote(&self, name: LockName) {
+        self.demote_q.lock().unwrap_or_else(|p| p.into_inner()).push(name);
+        self.demote_cv.notify_all();
+    }
+
+    /// Demote one glock if it is idle. Returns Some(delay) when it must wait for
+    /// the minimum hold time first.
+    fn try_demote(&self, name: LockName) -> Option<Duration> {
+        let gl = self.get(name);
+        let (id, held, target) = {
+            let mut st = gl.lock_st();
+            let Some(want) = st.demote else { return None };
+            let Some((id, held)) = st.granted else {
+                st.demote = None;
+                return None;
+            };
+            if st.busy || st.holder_ex || st.holders_sh > 0 {
+                return None; // the last holder requeues
+            }
+            if let Some(t) = st.acquired_at {
+                let el = t.elapsed();
+                if el < self.min_hold {
+                    return Some(self.min_hold - el);
+                }
+            }
+            st.busy = true;
+            // A reader elsewhere only needs us out of EX: keep a shared copy.
+            let target = if held == Mode::EX && want <= Mode::PR { Mode::PR } else { Mode::NL };
+            (id, held, target)
+        };
+        let ops = self.ops();
+        let mut result = Ok(());
+        if let Some(ops) = &ops {
+            if held == Mode::EX {
+                result = ops.sync(name);
+            }
+            if result.is_ok() && target == Mode::NL {
+                ops.invalidate(name);
+            }
+        }
+        let backend_res = match &result {
+            Ok(()) if target == Mode::PR => self.backend.convert(id, Mode::PR, 0).map(|_| ()),
+            Ok(()) => self.backend.unlock(id, None),
+            Err(_) => Ok(()),
+        };
+        let mut st = gl.lock_st();
+        st.busy = false;
+        st.demotes += 1;
+        match (&result, backend_res) {
+            (Ok(()), Ok(())) => {
+                if target == Mode::PR {
+                    st.granted = Some((id, Mode::PR));
+                } else {
+                    st.granted = None;
+                    self.by_id.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                }
+                st.demote = None;
+                st.demote_since = None;
+            }
+            (Err(e), _) => {
+                // Could not sync: keep the lock (never hand out what we could not
+                // write back) and withdraw.
+                st.demote = None;
+                if let Some(ops) = &ops {
+                    ops.fatal(e);
+                }
+            }
+            (Ok(()), Err(e)) => {
+                tracing::warn!(lock = %name, "demote request failed: {e:?}");
+                st.demote = None;
+            }
+        }
+        gl.cv.notify_all();
+        None
+    }
+
+    /// Sync and release every glock (unmount). Holders must be gone.
+    pub fn release_all(&self) -> Result<()> {
+        let names: Vec<LockName> = self.map.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        let ops = self.ops();
+        let mut first_err = None;
+        for name in names {
+            let gl = self.get(name);
+            let granted = gl.lock_st().granted.take();
+            if let Some((id, mode)) = granted {
+                if let (Some(ops), Mode::EX) = (&ops, mode) {
+                    if let Err(e) = ops.sync(name) {
+                        first_err.get_or_insert(e);
+                        continue;
+                    }
+                }
+                if let Some(ops) = &ops {
+                    ops.invalidate(name);
+                }
+                if let Err(e) = self.backend.unlock(id, None) {
+                    tracing::warn!(lock = %name, "unlock at unmount failed: {e:?}");
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    pub fn counts(&self) -> GlockCounts {
+        let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = GlockCounts { total: m.len(), ..Default::default() };
+        for gl in m.values() {
+            let st = gl.lock_st();
+            match st.granted {
+                Some((_, Mode::EX)) => c.exclusive += 1,
+                Some(_) => c.shared += 1,
+                None => c.unlocked += 1,
+            }
+            if st.holder_ex || st.holders_sh > 0 {
+                c.with_holders += 1;
+            }
+            if st.demote.is_some() {
+                c.demote_pending += 1;
+            }
+        }
+        c
+    }
+
+    pub fn dump(&self, all: bool) -> Vec<GlockDump> {
+        let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<GlockDump> = m
+            .values()
+            .filter_map(|gl| {
+                let st = gl.lock_st();
+                if !all && st.granted.is_none() && st.waiters == 0 {
+                    return None;
+                }
+                Some(GlockDump {
+                    name: gl.name.to_string(),
+                    state: match st.granted {
+                        Some((_, Mode::EX)) => "EX".into(),
+                        Some((_, m)) => format!("{m:?}"),
+                        None => "UN".into(),
+                    },
+                    lock_id: st.granted.map_or(0, |g| g.0),
+                    holders_shared: st.holders_sh,
+                    holder_exclusive: st.holder_ex,
+                    waiters: st.waiters,
+                    demote_wanted: st.demote,
+                    busy: st.busy,
+                    requests: st.requests,
+                    demotes: st.demotes,
+                })
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Is `name` granted to this node (any mode)?
+    pub fn is_granted(&self, name: LockName) -> Option<Mode> {
+        let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&name).and_then(|gl| gl.lock_st().granted.map(|g| g.1))
+    }
+}
+
+fn add_holder(st: &mut GlState, mode: Mode) {
+    if mode == Mode::EX {
+        st.holder_ex = true;
+    } else {
+        st.holders_sh += 1;
+    }
+}
+
+fn demote_worker(table: Weak<GlockTable>) {
+    let mut delayed: Vec<(Instant, LockName)> = Vec::new();
+    loop {
+        let Some(t) = table.upgrade() else { return };
+        if t.shutdown.load(Ordering::SeqCst) {
+            return;
+        }
+        let batch: Vec<LockName> = {
+            let mut q = t.demote_q.lock().unwrap_or_else(|p| p.into_inner());
+            if q.is_empty() {
+                let wait = delayed.iter().map(|d| d.0.saturating_duration_since(Instant::now())).min().unwrap_or(Duration::from_millis(500));
+                q = t.demote_cv.wait_timeout(q, wait).map(|r| r.0).unwrap_or_else(|p| p.into_inner().0);
+            }
+            std::mem::take(&mut *q)
+        };
+        let now = Instant::now();
+        let mut due: Vec<LockName> = batch;
+        delayed.retain(|(at, n)| {
+            if *at <= now {
+                due.push(*n);
+                false
+            } else {
+                true
+            }
+        });
+        due.sort();
+        due.dedup();
+        for name in due {
+            if let Some(d) = t.try_demote(name) {
+                delayed.push((Instant::now() + d, name));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for n in [LockName::Rename, LockName::Inode(5), LockName::Iopen(7), LockName::Rgrp(3), LockName::Journal(0)] {
+            assert_eq!(LockName::parse(&n.resource()), Some(n));
+        }
+        assert_eq!(LockName::parse(b"bogus/1"), None);
+    }
+
+    #[test]
+    fn local_holders_are_reader_writer() {
+        let t = GlockTable::new(Arc::new(NoLock::default()), Duration::ZERO);
+        let ms = MaySleep::new().unwrap();
+        let a = t.acquire(LockName::Inode(1), Mode::PR, &ms).unwrap();
+        let b = t.acquire(LockName::Inode(1), Mode::PR, &ms).unwrap();
+        assert!(matches!(t.try_acquire(LockName::Inode(1), Mode::EX), Err(FsError::WouldBlock)));
+        drop(a);
+        drop(b);
+        let c = t.try_acquire(LockName::Inode(1), Mode::EX).unwrap();
+        assert!(matches!(t.try_acquire(LockName::Inode(1), Mode::PR), Err(FsError::WouldBlock)));
+        drop(c);
+    }
+
+    #[test]
+    fn reclaim_cannot_sleep() {
+        let t = GlockTable::new(Arc::new(NoLock::default()), Duration::ZERO);
+        let before = SLEEP_VIOLATIONS.load(Ordering::Relaxed);
+        {
+            let _r = ReclaimScope::enter();
+            assert!(MaySleep::new().is_none());
+            // try semantics still work from reclaim
+            assert!(t.try_acquire(LockName::Inode(2), Mode::EX).is_ok());
+        }
+        assert!(SLEEP_VIOLATIONS.load(Ordering::Relaxed) > before);
+        assert!(MaySleep::new().is_some());
+    }
+}

@@ -1,0 +1,328 @@
+//! The node's memory budget. Inodes, metadata buffers, cached file data, journal
+//! images and replay buffers are charged to it through [`Charge`] guards (RAII:
+//! dropping the thing uncharges it), so "usage" is what the daemon really holds.
+//!
+//! * Direct reclaim: a charge that takes usage over the limit reclaims first, in
+//!   the allocating thread, in the no-sleep context (it can never wait for a
+//!   cluster lock; see `glock::ReclaimScope`). Charges never wait: a thread inside a
+//!   transaction must not, and overshooting a little beats deadlocking.
+//! * Waiting for memory happens only at throttle points outside transactions
+//!   (the start of each filesystem request, each journal-replay read), which wait
+//!   for the background reclaimer to bring usage below the limit; every wait is
+//!   timed and the longest is reported.
+//! * The background reclaimer (the kswapd role) keeps usage under the low
+//!   watermark; pressure notifications from the cgroup wake it early.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use crate::glock::{in_reclaim, ReclaimScope};
+
+/// Something that can give memory back.
+pub trait Reclaimer: Send + Sync {
+    /// Free about `want` bytes. `scope` proves the caller is in reclaim.
+    fn reclaim(&self, want: u64, scope: &ReclaimScope) -> u64;
+}
+
+#[derive(Debug, Default, serde::Serialize, Clone)]
+pub struct BudgetStats {
+    pub limit: u64,
+    pub used: u64,
+    pub peak: u64,
+    pub low_watermark: u64,
+    pub direct_reclaims: u64,
+    pub background_reclaims: u64,
+    pub pressure_events: u64,
+    pub throttle_waits: u64,
+    pub longest_alloc_wait_us: u64,
+    pub total_alloc_wait_us: u64,
+}
+
+pub struct Budget {
+    limit: AtomicU64,
+    used: AtomicU64,
+    peak: AtomicU64,
+    reclaimer: Mutex<Option<Weak<dyn Reclaimer>>>,
+    kick: Mutex<bool>,
+    kick_cv: Condvar,
+    freed: Mutex<()>,
+    freed_cv: Condvar,
+    direct: AtomicU64,
+    background: AtomicU64,
+    pressure: AtomicU64,
+    waits: AtomicU64,
+    longest_wait_us: AtomicU64,
+    total_wait_us: AtomicU64,
+    stop: AtomicBool,
+}
+
+/// Usage is charged while this lives.
+pub struct Charge {
+    budget: Arc<Budget>,
+    bytes: u64,
+}
+
+impl Charge {
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.budget.uncharge(self.bytes);
+    }
+}
+
+impl std::fmt::Debug for Charge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Charge({})", self.bytes)
+    }
+}
+
+impl Budget {
+    pub fn new(limit: u64) -> Arc<Budget> {
+        Arc::new(Budget {
+            limit: AtomicU64::new(limit.max(1 << 20)),
+            used: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+            reclaimer: Mutex::new(None),
+            kick: Mutex::new(false),
+            kick_cv: Condvar::new(),
+            freed: Mutex::new(()),
+            freed_cv: Condvar::new(),
+            direct: AtomicU64::new(0),
+            background: AtomicU64::new(0),
+            pressure: AtomicU64::new(0),
+            waits: AtomicU64::new(0),
+            longest_wait_us: AtomicU64::new(0),
+            total_wait_us: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::Relaxed)
+    }
+    pub fn set_limit(&self, l: u64) {
+        self.limit.store(l.max(1 << 20), Ordering::Relaxed);
+        self.kick();
+    }
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+    pub fn low_watermark(&self) -> u64 {
+        self.limit() / 10 * 8
+    }
+
+    pub fn set_reclaimer(&self, r: Weak<dyn Reclaimer>) {
+        *self.reclaimer.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    }
+
+    fn reclaimer(&self) -> Option<Arc<dyn Reclaimer>> {
+        self.reclaimer.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|w| w.upgrade())
+    }
+
+    /// Charge `bytes`. Over the limit, reclaim in this thread first (never waits
+    /// for a cluster lock in nonblocking mode). Always succeeds.
+    pub fn charge(self: &Arc<Self>, bytes: u64) -> Charge {
+        let now = self.used.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        let limit = self.limit();
+        if now > limit && !in_reclaim() {
+            let t = Instant::now();
+            if let Some(r) = self.reclaimer() {
+                self.direct.fetch_add(1, Ordering::Relaxed);
+                let scope = ReclaimScope::enter();
+                let want = now - self.low_watermark().min(now);
+                r.reclaim(want.max(bytes), &scope);
+            }
+            self.record_wait(t.elapsed());
+        }
+        if now > self.low_watermark() {
+            self.kick();
+        }
+        Charge { budget: self.clone(), bytes }
+    }
+
+    fn uncharge(&self, bytes: u64) {
+        let prev = self.used.fetch_sub(bytes, Ordering::Relaxed);
+        if prev >= self.limit() && prev - bytes < self.limit() {
+            let _g = self.freed.lock().unwrap_or_else(|p| p.into_inner());
+            self.freed_cv.notify_all();
+        }
+    }
+
+    fn record_wait(&self, d: Duration) {
+        let us = d.as_micros() as u64;
+        self.longest_wait_us.fetch_max(us, Ordering::Relaxed);
+        self.total_wait_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// A throttle point (outside any transaction): if over the limit, wake the
+    /// reclaimer and wait until usage is below the limit or `max` passes.
+    pub fn throttle(&self, max: Duration) {
+        if self.used() <= self.limit() || in_reclaim() {
+            return;
+        }
+        let t = Instant::now();
+        self.waits.fetch_add(1, Ordering::Relaxed);
+        self.kick();
+        let mut g = self.freed.lock().unwrap_or_else(|p| p.into_inner());
+        while self.used() > self.limit() && t.elapsed() < max && !self.stop.load(Ordering::Relaxed) {
+            g = self.freed_cv.wait_timeout(g, Duration::from_millis(10)).map(|r| r.0).unwrap_or_else(|p| p.into_inner().0);
+        }
+        drop(g);
+        self.record_wait(t.elapsed());
+    }
+
+    /// Wake the background reclaimer.
+    pub fn kick(&self) {
+        let mut k = self.kick.lock().unwrap_or_else(|p| p.into_inner());
+        *k = true;
+        self.kick_cv.notify_all();
+    }
+
+    /// A memory-pressure notification from the cgroup.
+    pub fn pressure(&self) {
+        self.pressure.fetch_add(1, Ordering::Relaxed);
+        self.kick();
+    }
+
+    /// Run the background reclaimer on its own thread until `stop`.
+    pub fn start_background(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        let _ = std::thread::Builder::new().name("reclaim".into()).spawn(move || loop {
+            let Some(b) = me.upgrade() else { return };
+            if b.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            {
+                let mut k = b.kick.lock().unwrap_or_else(|p| p.into_inner());
+                if !*k {
+                    k = b.kick_cv.wait_timeout(k, Duration::from_millis(500)).map(|r| r.0).unwrap_or_else(|p| p.into_inner().0);
+                }
+                *k = false;
+            }
+            let low = b.low_watermark();
+            let used = b.used();
+            if used > low {
+                if let Some(r) = b.reclaimer() {
+                    b.background.fetch_add(1, Ordering::Relaxed);
+                    let scope = ReclaimScope::enter();
+                    r.reclaim(used - low, &scope);
+                }
+                let _g = b.freed.lock().unwrap_or_else(|p| p.into_inner());
+                b.freed_cv.notify_all();
+            }
+        });
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.kick();
+    }
+
+    pub fn stats(&self) -> BudgetStats {
+        BudgetStats {
+            limit: self.limit(),
+            used: self.used(),
+            peak: self.peak.load(Ordering::Relaxed),
+            low_watermark: self.low_watermark(),
+            direct_reclaims: self.direct.load(Ordering::Relaxed),
+            background_reclaims: self.background.load(Ordering::Relaxed),
+            pressure_events: self.pressure.load(Ordering::Relaxed),
+            throttle_waits: self.waits.load(Ordering::Relaxed),
+            longest_alloc_wait_us: self.longest_wait_us.load(Ordering::Relaxed),
+            total_alloc_wait_us: self.total_wait_us.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The memory limit of the cgroup this process is in (v2 memory.max/high, v1
+/// memory.limit_in_bytes), if any.
+pub fn cgroup_limit() -> Option<u64> {
+    let cg = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    for line in cg.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if ctrls.is_empty() {
+            for f in ["memory.high", "memory.max"] {
+                let p = format!("/sys/fs/cgroup{path}/{f}");
+                if let Some(v) = std::fs::read_to_string(&p).ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+                    return Some(v);
+                }
+            }
+        } else if ctrls.split(',').any(|c| c == "memory") {
+            let p = format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes");
+            let v = std::fs::read_to_string(&p).ok()?.trim().parse::<u64>().ok()?;
+            // "no limit" is a huge page-aligned number
+            if v < (1u64 << 60) {
+                return Some(v);
+            }
+        }
+    }
+    None
+}
+
+/// The v1 memory cgroup directory of this process, if any.
+pub fn cgroup_v1_dir() -> Option<std::path::PathBuf> {
+    let cg = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    cg.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+        ctrls.split(',').any(|c| c == "memory").then(|| std::path::PathBuf::from(format!("/sys/fs/cgroup/memory{path}")))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Freer {
+        held: Mutex<Vec<Charge>>,
+        calls: AtomicU64,
+        saw_reclaim: AtomicBool,
+    }
+    impl Reclaimer for Freer {
+        fn reclaim(&self, want: u64, _scope: &ReclaimScope) -> u64 {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            self.saw_reclaim.store(in_reclaim(), Ordering::Relaxed);
+            let mut h = self.held.lock().unwrap();
+            let mut freed = 0;
+            while freed < want {
+                match h.pop() {
+                    Some(c) => freed += c.bytes(),
+                    None => break,
+                }
+            }
+            freed
+        }
+    }
+
+    #[test]
+    fn direct_reclaim_runs_in_reclaim_context_and_frees() {
+        let b = Budget::new(4 << 20);
+        let f = Arc::new(Freer { held: Mutex::new(Vec::new()), calls: 0.into(), saw_reclaim: false.into() });
+        let fr: Arc<dyn Reclaimer> = f.clone();
+        b.set_reclaimer(Arc::downgrade(&fr));
+        for _ in 0..8 {
+            let c = b.charge(1 << 20);
+            f.held.lock().unwrap().push(c);
+        }
+        assert!(f.calls.load(Ordering::Relaxed) > 0);
+        assert!(f.saw_reclaim.load(Ordering::Relaxed));
+        assert!(b.used() <= 4 << 20, "used {}", b.used());
+        assert!(b.stats().direct_reclaims > 0);
+    }
+
+    #[test]
+    fn charges_are_released_on_drop() {
+        let b = Budget::new(8 << 20);
+        let c = b.charge(1000);
+        assert_eq!(b.used(), 1000);
+        drop(c);
+        assert_eq!(b.used(), 0);
+    }
+}

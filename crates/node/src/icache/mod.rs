@@ -1,0 +1,279 @@
+//! The inode cache, memory reclaim, and deferred deallocation: the heart of mcfs.
+//!
+//! An [`Inode`] here is this node's in-memory presence of an inode: the kernel's
+//! lookup count, open handles, cached file data, and the iopen glock held shared
+//! ("this node has it in memory"). Unused inodes (no kernel lookups, no opens)
+//! sit on an LRU and are evicted by reclaim or at unmount.
+//!
+//! Eviction follows a decision table ([`decide`]) over three facts: what the
+//! inode is (clean and linked, dirty and linked, or unlinked: link count zero),
+//! whether the locks it needs are available, and whether the context may sleep
+//! on a cluster lock. Reclaim never may ([`crate::glock::NoSleep`]): it asks for
+//! every lock with try semantics and, when one would block, frees the inode's
+//! memory now and puts a small record (inode number, generation) on the
+//! per-filesystem deferred list. A deallocator thread retries those with
+//! jittered backoff; unmount drains the list with a bounded, reported wait. The
+//! on-disk "unlinked" bitmap state keeps the work safe across crashes: an orphan
+//! scan finishes deallocations that a crash interrupted.
+//!
+//! `--evict=sync` keeps GFS2's behaviour (eviction from reclaim takes its locks
+//! blocking), so the deadlock of the 2016 linux-fsdevel thread can be shown.
+
+pub mod budget;
+pub mod evict;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::glock::Holder;
+use crate::icache::budget::Charge;
+
+pub use evict::{decide, Action, EvictMode, InodeKind, LockAvail};
+
+/// One cached file data block.
+struct DataBlock {
+    data: Arc<Vec<u8>>,
+    _charge: Charge,
+}
+
+/// This node's in-memory presence of an inode.
+pub struct Inode {
+    pub ino: u64,
+    pub generation: AtomicU64,
+    /// Kernel lookup count (FUSE forget decrements it).
+    pub nlookup: AtomicU64,
+    pub opens: AtomicU32,
+    /// iopen glock, shared, held while this node has the inode in memory.
+    pub iopen: Mutex<Option<Holder>>,
+    /// Clean file data blocks, valid while the inode glock is held.
+    data: Mutex<BTreeMap<u64, DataBlock>>,
+    pub last_used: AtomicU64,
+    /// Link count seen zero under the inode glock.
+    pub unlinked: AtomicBool,
+    /// Where the kernel last found it (parent, name): lets us tell the kernel to
+    /// forget it when another node wants to delete it.
+    pub last_name: Mutex<Option<(u64, Vec<u8>)>>,
+    _charge: Charge,
+}
+
+impl Inode {
+    pub fn in_use(&self) -> bool {
+        self.nlookup.load(Ordering::Acquire) > 0 || self.opens.load(Ordering::Acquire) > 0
+    }
+
+    pub fn cached_block(&self, lblk: u64) -> Option<Arc<Vec<u8>>> {
+        self.data.lock().unwrap_or_else(|p| p.into_inner()).get(&lblk).map(|b| b.data.clone())
+    }
+
+    pub fn cache_block(&self, lblk: u64, data: Arc<Vec<u8>>, charge: Charge) {
+        self.data.lock().unwrap_or_else(|p| p.into_inner()).insert(lblk, DataBlock { data, _charge: charge });
+    }
+
+    pub fn drop_data(&self) -> usize {
+        let mut d = self.data.lock().unwrap_or_else(|p| p.into_inner());
+        let n = d.len();
+        d.clear();
+        n
+    }
+
+    pub fn drop_data_from(&self, lblk: u64) {
+        let mut d = self.data.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = d.split_off(&lblk);
+    }
+
+    pub fn data_blocks_cached(&self) -> usize {
+        self.data.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// A deallocation that could not be done when the inode was evicted.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Deferred {
+    pub ino: u64,
+    pub generation: u64,
+    /// Blocks it will free (for statfs), when known.
+    pub blocks: u64,
+    pub attempts: u32,
+    /// The lock it last waited for.
+    pub waiting_for: String,
+    #[serde(skip)]
+    pub next_try: Instant,
+    #[serde(skip)]
+    pub since: Instant,
+}
+
+#[derive(Debug, Default, serde::Serialize, Clone)]
+pub struct EvictStats {
+    pub evict_mode: String,
+    pub cached_inodes: usize,
+    pub unused_inodes: usize,
+    pub reclaim_runs: u64,
+    pub dropped_clean: u64,
+    pub written_back: u64,
+    pub deallocated_now: u64,
+    pub deferred_total: u64,
+    pub deferred_now: usize,
+    pub deferred_blocks: u64,
+    pub dealloc_retries: u64,
+    pub deferred_completed: u64,
+    pub handed_to_other_node: u64,
+    pub orphans_found: u64,
+    pub data_blocks_dropped: u64,
+    pub sleep_violations: u64,
+    pub reclaim_blocked_on: Option<String>,
+}
+
+pub struct ICache {
+    map: Mutex<HashMap<u64, Arc<Inode>>>,
+    tick: AtomicU64,
+    pub mode: EvictMode,
+    pub(crate) deferred: Mutex<BTreeMap<u64, Deferred>>,
+    pub(crate) deferred_cv: std::sync::Condvar,
+    pub(crate) stats: Mutex<EvictStats>,
+    /// What reclaim is blocked on right now (sync mode shows the deadlock).
+    pub(crate) reclaim_blocked: Mutex<Option<(String, Instant)>>,
+    pub(crate) kernel: Mutex<Option<Arc<dyn KernelNotify>>>,
+}
+
+/// Lets the filesystem ask the kernel to drop its references (FUSE
+/// notifications); implemented by the FUSE adapter.
+pub trait KernelNotify: Send + Sync {
+    /// The kernel should forget `name` in `parent` (which referred to `ino`).
+    fn forget_entry(&self, parent: u64, ino: u64, name: &[u8]);
+    /// The kernel should drop cached attributes and data of `ino`.
+    fn inval_inode(&self, ino: u64);
+}
+
+impl ICache {
+    pub fn new(mode: EvictMode) -> ICache {
+        ICache {
+            map: Mutex::new(HashMap::new()),
+            tick: AtomicU64::new(1),
+            mode,
+            deferred: Mutex::new(BTreeMap::new()),
+            deferred_cv: std::sync::Condvar::new(),
+            stats: Mutex::new(EvictStats { evict_mode: mode.as_str().into(), ..Default::default() }),
+            reclaim_blocked: Mutex::new(None),
+            kernel: Mutex::new(None),
+        }
+    }
+
+    pub fn set_kernel(&self, k: Arc<dyn KernelNotify>) {
+        *self.kernel.lock().unwrap_or_else(|p| p.into_inner()) = Some(k);
+    }
+
+    pub(crate) fn kernel(&self) -> Option<Arc<dyn KernelNotify>> {
+        self.kernel.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Inode>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, ino: u64) -> Option<Arc<Inode>> {
+        let i = self.lock().get(&ino).cloned();
+        if let Some(i) = &i {
+            i.last_used.store(self.tick.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        }
+        i
+    }
+
+    /// Insert a new in-memory inode (the caller took its iopen lock).
+    pub fn insert(&self, ino: u64, generation: u64, iopen: Option<Holder>, charge: Charge) -> Arc<Inode> {
+        let mut m = self.lock();
+        if let Some(i) = m.get(&ino) {
+            return i.clone();
+        }
+        let i = Arc::new(Inode {
+            ino,
+            generation: AtomicU64::new(generation),
+            nlookup: AtomicU64::new(0),
+            opens: AtomicU32::new(0),
+            iopen: Mutex::new(iopen),
+            data: Mutex::new(BTreeMap::new()),
+            last_used: AtomicU64::new(self.tick.fetch_add(1, Ordering::Relaxed)),
+            unlinked: AtomicBool::new(false),
+            last_name: Mutex::new(None),
+            _charge: charge,
+        });
+        m.insert(ino, i.clone());
+        i
+    }
+
+    pub fn remove(&self, ino: u64) -> Option<Arc<Inode>> {
+        self.lock().remove(&ino)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn invalidate_data(&self, ino: u64) {
+        if let Some(i) = self.lock().get(&ino) {
+            i.drop_data();
+        }
+    }
+
+    /// Unused inodes, least recently used first.
+    pub fn lru(&self) -> Vec<Arc<Inode>> {
+        let m = self.lock();
+        let mut v: Vec<Arc<Inode>> = m.values().filter(|i| !i.in_use()).cloned().collect();
+        v.sort_by_key(|i| i.last_used.load(Ordering::Relaxed));
+        v
+    }
+
+    /// All cached inodes, least recently used first.
+    pub fn all_lru(&self) -> Vec<Arc<Inode>> {
+        let m = self.lock();
+        let mut v: Vec<Arc<Inode>> = m.values().cloned().collect();
+        v.sort_by_key(|i| i.last_used.load(Ordering::Relaxed));
+        v
+    }
+
+    pub fn deferred_blocks(&self) -> u64 {
+        self.deferred.lock().unwrap_or_else(|p| p.into_inner()).values().map(|d| d.blocks).sum()
+    }
+
+    pub fn deferred_list(&self) -> Vec<Deferred> {
+        self.deferred.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    pub fn stats(&self) -> EvictStats {
+        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let m = self.lock();
+        s.cached_inodes = m.len();
+        s.unused_inodes = m.values().filter(|i| !i.in_use()).count();
+        drop(m);
+        let d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        s.deferred_now = d.len();
+        s.deferred_blocks = d.values().map(|x| x.blocks).sum();
+        s.sleep_violations = crate::glock::SLEEP_VIOLATIONS.load(Ordering::Relaxed);
+        s.reclaim_blocked_on = self
+            .reclaim_blocked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(w, t)| format!("{w} for {} ms", t.elapsed().as_millis()));
+        s
+    }
+
+    pub(crate) fn bump(&self, f: impl FnOnce(&mut EvictStats)) {
+        f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Jittered delay before the next deallocation attempt.
+    pub(crate) fn backoff(attempts: u32, range: (Duration, Duration)) -> Duration {
+        let (lo, hi) = range;
+        let grow = lo.saturating_mul(1u32 << attempts.min(6));
+        let cap = grow.min(hi).max(lo);
+        let span = cap.as_millis().max(1) as u64;
+        let j = rand::random::<u64>() % span;
+        Duration::from_millis(span / 2 + j / 2)
+    }
+}

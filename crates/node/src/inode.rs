@@ -1,0 +1,287 @@
+//! Dinodes in memory: reading and writing them, creating inodes, file data I/O,
+//! truncation and deallocation (GFS2's inode.c and the data half of aops.c).
+//! Every function here runs with the inode's glock held by the caller, in the
+//! mode its comment says.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use mcfs_format::dinode::{self, Dinode, Timespec};
+use mcfs_format::header::BlockType;
+use mcfs_format::rgrp::BlockState;
+
+use crate::buf::Buf;
+use crate::error::{FsError, Result};
+use crate::fs::Fs;
+use crate::glock::LockName;
+use crate::log::Tx;
+use crate::rgrp::Reservation;
+
+pub fn now() -> Timespec {
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    Timespec { sec: d.as_secs() as i64, nsec: d.subsec_nanos() }
+}
+
+/// Attributes as the FUSE adapter and tests see them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub generation: u64,
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+    pub rdev: u32,
+    pub blksize: u32,
+}
+
+impl Fs {
+    pub fn attr_of(&self, d: &Dinode) -> Attr {
+        Attr {
+            ino: d.ino,
+            generation: d.generation,
+            mode: d.mode,
+            nlink: d.nlink,
+            uid: d.uid,
+            gid: d.gid,
+            size: d.size,
+            // st_blocks counts 512-byte units, dinode included
+            blocks: (d.blocks + 1) * (self.bs as u64 / 512),
+            atime: d.atime,
+            mtime: d.mtime,
+            ctime: d.ctime,
+            rdev: d.rdev,
+            blksize: self.bs as u32,
+        }
+    }
+
+    /// The dinode buffer of `ino` (glock held, any mode).
+    pub fn dinode_buf(&self, ino: u64) -> Result<Arc<Buf>> {
+        self.read_meta(ino, LockName::Inode(ino), BlockType::Dinode, move |b, fs| Dinode::decode(b, ino, fs.fsid).map(|_| ()))
+    }
+
+    /// Decode the dinode of `ino` (glock held, any mode).
+    pub fn dinode(&self, ino: u64) -> Result<(Arc<Buf>, Dinode)> {
+        let b = self.dinode_buf(ino)?;
+        let d = Dinode::decode(&b.read(), ino, self.fsid).map_err(|e| self.corrupt(e))?;
+        Ok((b, d))
+    }
+
+    /// Write `d` into its buffer inside `tx` (glock held EX).
+    pub fn put_dinode(&self, tx: &mut Tx<'_>, b: &Arc<Buf>, d: &Dinode) {
+        d.encode_into(&mut b.write(), self.fsid);
+        tx.add(b);
+    }
+
+    /// Initialise dinode block `ino` (picked with [`Fs::pick_free`], its glock
+    /// already held EX) as a new inode, allocating it from `res`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn alloc_dinode(&self, tx: &mut Tx<'_>, res: &Reservation, ino: u64, mode: u32, uid: u32, gid: u32, rdev: u32, parent: u64) -> Result<(Arc<Buf>, Dinode)> {
+        // a reused block: the new inode's generation must exceed the old one's
+        let old_gen = {
+            let mut v = vec![0u8; self.bs];
+            self.dev.read_at(ino * self.bs as u64, &mut v)?;
+            match mcfs_format::header::peek(&v) {
+                Some((magic, _, _, blk, seq, fsid, _)) if magic == mcfs_format::MAGIC && blk == ino && fsid == self.fsid => seq,
+                _ => 0,
+            }
+        };
+        self.alloc_exact(tx, res, ino, BlockState::Dinode)?;
+        let t = now();
+        let mut d = Dinode::new(ino, old_gen + 1, mode, self.geo.block_size);
+        d.uid = uid;
+        d.gid = gid;
+        d.rdev = rdev;
+        d.nlink = if mode & dinode::S_IFMT == dinode::S_IFDIR { 2 } else { 1 };
+        d.parent = if mode & dinode::S_IFMT == dinode::S_IFDIR { parent } else { 0 };
+        d.atime = t;
+        d.mtime = t;
+        d.ctime = t;
+        let b = self.bufs.replace(ino, LockName::Inode(ino), d.encode(self.geo.block_size, self.fsid));
+        tx.add(&b);
+        self.stats.inodes_created.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok((b, d))
+    }
+
+    /// Read file data (glock held, any mode). Short at end of file.
+    pub fn read_data(&self, d: &Dinode, off: u64, size: u32) -> Result<Vec<u8>> {
+        if off >= d.size || size == 0 {
+            return Ok(Vec::new());
+        }
+        let end = (off + size as u64).min(d.size);
+        let len = (end - off) as usize;
+        if d.is_inline() {
+            let s = off as usize;
+            return Ok(d.payload.get(s..s + len).map(|x| x.to_vec()).unwrap_or_default());
+        }
+        let bs = self.bs as u64;
+        let first = off / bs;
+        let last = (end - 1) / bs;
+        let map = self.bmap_range(d, first, last - first + 1)?;
+        let mut out = vec![0u8; ((last - first + 1) * bs) as usize];
+        // coalesce contiguous runs into single reads
+        let mut i = 0usize;
+        let mut reqs: Vec<(u64, std::ops::Range<usize>)> = Vec::new();
+        while i < map.len() {
+            let Some(p) = map[i] else {
+                i += 1;
+                continue;
+            };
+            let mut j = i + 1;
+            while j < map.len() && map[j] == Some(p + (j - i) as u64) {
+                j += 1;
+            }
+            reqs.push((p * bs, i * bs as usize..j * bs as usize));
+            i = j;
+        }
+        {
+            let mut slices: Vec<(u64, &mut [u8])> = Vec::with_capacity(reqs.len());
+            let mut rest: &mut [u8] = &mut out;
+            let mut base = 0usize;
+            for (doff, r) in &reqs {
+                let tmp = std::mem::take(&mut rest);
+                let (_, tail) = tmp.split_at_mut(r.start - base);
+                let (mine, after) = tail.split_at_mut(r.end - r.start);
+                slices.push((*doff, mine));
+                rest = after;
+                base = r.end;
+            }
+            if !slices.is_empty() {
+                self.dev.read_many(&mut slices)?;
+            }
+        }
+        let s = (off - first * bs) as usize;
+        self.stats.data_bytes_read.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(out[s..s + len].to_vec())
+    }
+
+    /// Write file data at `off` (glock held EX, `res` reserved when the write
+    /// may allocate). Data goes in place (ordered mode: before the transaction
+    /// that maps it commits). Returns bytes written; may be short when the
+    /// reservation runs out (the caller loops with a new one).
+    pub fn write_data(&self, tx: &mut Tx<'_>, res: Option<&Reservation>, d: &mut Dinode, dbuf: &Arc<Buf>, off: u64, data: &[u8]) -> Result<usize> {
+        let bs = self.bs as u64;
+        let end = off + data.len() as u64;
+        if end > dinode::tree_capacity(self.geo.block_size, dinode::MAX_HEIGHT) * bs {
+            return Err(FsError::TooBig);
+        }
+        // small files stay inline
+        if d.is_inline() && end <= dinode::payload_size(self.geo.block_size) as u64 && !d.is_dir() {
+            d.payload[off as usize..end as usize].copy_from_slice(data);
+            d.size = d.size.max(end);
+            return Ok(data.len());
+        }
+        let first = off / bs;
+        let last = (end - 1) / bs;
+        let count = last - first + 1;
+        let map: Vec<(u64, bool)> = match res {
+            Some(r) => self.bmap_alloc(tx, r, d, dbuf, first, count)?,
+            None => {
+                let m = self.bmap_range(d, first, count)?;
+                m.into_iter().map_while(|p| p.map(|b| (b, false))).collect()
+            }
+        };
+        if map.is_empty() {
+            return Err(FsError::NoSpace);
+        }
+        let mapped = map.len() as u64;
+        let wend = end.min((first + mapped) * bs);
+        let wlen = (wend - off) as usize;
+        // Build whole blocks: partial first/last blocks that already existed are
+        // read first; new blocks are zero-filled.
+        let mut buf = vec![0u8; (mapped * bs) as usize];
+        let head = (off - first * bs) as usize;
+        let tail_end = head + wlen;
+        if head != 0 && !map[0].1 {
+            self.dev.read_at(map[0].0 * bs, &mut buf[..bs as usize])?;
+        }
+        let lastidx = (mapped - 1) as usize;
+        if tail_end % bs as usize != 0 && !map[lastidx].1 && (lastidx > 0 || head == 0) {
+            let s = lastidx * bs as usize;
+            self.dev.read_at(map[lastidx].0 * bs, &mut buf[s..s + bs as usize])?;
+        }
+        buf[head..tail_end].copy_from_slice(&data[..wlen]);
+        let mut reqs: Vec<(u64, &[u8])> = Vec::new();
+        let mut i = 0;
+        while i < map.len() {
+            let mut j = i + 1;
+            while j < map.len() && map[j].0 == map[i].0 + (j - i) as u64 {
+                j += 1;
+            }
+            reqs.push((map[i].0 * bs, &buf[i * bs as usize..j * bs as usize]));
+            i = j;
+        }
+        self.dev.write_many(&reqs)?;
+        self.log.note_data_write();
+        d.size = d.size.max(wend);
+        self.stats.data_bytes_written.fetch_add(wlen as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(wlen)
+    }
+
+    /// Blocks a truncate to `size` frees, and the rgrps that hold them.
+    pub fn truncate_plan(&self, d: &Dinode, size: u64) -> Result<(Vec<u64>, Vec<u64>)> {
+        if d.is_inline() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let from = size.div_ceil(self.bs as u64);
+        self.collect_blocks(d, from)
+    }
+
+    /// Shrink or extend `d` to `size` (glock EX; the rgrps of the freed blocks
+    /// held EX). Freed metadata blocks are revoked.
+    pub fn truncate(&self, tx: &mut Tx<'_>, d: &mut Dinode, size: u64, plan: &(Vec<u64>, Vec<u64>)) -> Result<()> {
+        let bs = self.bs as u64;
+        if d.is_inline() {
+            if size < d.size {
+                d.payload[size as usize..].fill(0);
+            }
+            if size <= dinode::payload_size(self.geo.block_size) as u64 || d.is_dir() {
+                d.size = size;
+                return Ok(());
+            }
+            // growing an inline file past the payload: it becomes a (sparse) tree
+            d.flags &= !dinode::FLAG_INLINE;
+            let data = d.payload[..d.size as usize].to_vec();
+            if !data.is_empty() {
+                return Err(FsError::Other("internal: extend of non-empty inline file needs unstuffing".into()));
+            }
+            d.payload.fill(0);
+            d.height = dinode::height_for(self.geo.block_size, size.div_ceil(bs));
+            d.size = size;
+            return Ok(());
+        }
+        let from = size.div_ceil(bs);
+        self.clear_from(tx, d, from)?;
+        let (data, meta) = plan;
+        for m in meta {
+            tx.revoke(*m);
+            self.bufs.forget(*m);
+        }
+        let mut all = data.clone();
+        all.extend_from_slice(meta);
+        self.set_block_states(tx, &all, BlockState::Free)?;
+        d.blocks = d.blocks.saturating_sub(all.len() as u64);
+        // zero the tail of the last partial block so a later extend reads zeros
+        if size % bs != 0 && size < d.size {
+            if let Some(p) = self.bmap(d, size / bs)? {
+                let mut blk = vec![0u8; bs as usize];
+                self.dev.read_at(p * bs, &mut blk)?;
+                blk[(size % bs) as usize..].fill(0);
+                self.dev.write_at(p * bs, &blk)?;
+                self.log.note_data_write();
+            }
+        }
+        let grows = size > dinode::tree_capacity(self.geo.block_size, d.height) * bs;
+        if grows {
+            // sparse extend beyond the tree: taller tree, no blocks
+            return Err(FsError::Other("internal: sparse extend needs a taller tree".into()));
+        }
+        d.size = size;
+        Ok(())
+    }
+}
