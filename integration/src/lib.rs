@@ -214,3 +214,52 @@ pub fn secret_file(dir: &Path) -> Result<PathBuf> {
     std::fs::write(&p, s)?;
     Ok(p)
 }
+
+pub mod fence;
+
+/// A local cluster for a test: `mcfs_cli::cluster` (the code behind `mcfs
+/// cluster up`) in a private temp dir, torn down on drop even when the test fails.
+pub struct TestCluster {
+    pub c: mcfs_cli::cluster::Cluster,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    pub fn options(nodes: u32) -> (tempfile::TempDir, mcfs_cli::cluster::ClusterOptions) {
+        let dir = tempdir();
+        let bin_dir = bin("mcfs-node").parent().unwrap().to_path_buf();
+        let mut o = mcfs_cli::cluster::ClusterOptions::new(dir.path().join("c"), nodes, bin_dir);
+        o.size = 512 << 20;
+        (dir, o)
+    }
+
+    pub fn up(dir: tempfile::TempDir, o: &mcfs_cli::cluster::ClusterOptions) -> Result<TestCluster> {
+        let c = mcfs_cli::cluster::Cluster::up(o)?;
+        Ok(TestCluster { c, dir })
+    }
+
+    pub fn start(nodes: u32) -> Result<TestCluster> {
+        let (dir, o) = Self::options(nodes);
+        Self::up(dir, &o)
+    }
+
+    pub fn mnt(&self, n: u32) -> PathBuf {
+        self.c.mountpoint(n)
+    }
+
+    /// Print the daemons' logs (for a failing test's output).
+    pub fn dump_logs(&self) {
+        for name in ["dlm", "fenced"].into_iter().map(String::from).chain((1..=self.c.f.nodes).map(|n| format!("node{n}"))) {
+            eprintln!("----- {name} -----\n{}", mcfs_cli::cluster::tail(&self.c.log(&name), 40));
+        }
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        let _ = self.c.down();
+    }
+}

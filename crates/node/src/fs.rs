@@ -84,6 +84,8 @@ pub struct Fs {
     withdraw_reason: Mutex<Option<String>>,
     journal: Mutex<Option<Holder>>,
     pub replays: Mutex<Vec<ReplayReport>>,
+    /// Recoveries of other nodes this node took part in: (node, journal) -> step.
+    pub recoveries: Mutex<std::collections::BTreeMap<(u32, u32), String>>,
     pub mounted_at: Instant,
     stopping: AtomicBool,
     me: Weak<Fs>,
@@ -161,6 +163,8 @@ impl Fs {
                 reports.push(r);
             }
             drop(h);
+            // not ours: let the node that mounts it have it
+            glocks.unlock_idle(LockName::Journal(s));
         }
         let (r, pos) = recovery::replay(dev.as_ref(), &sb, slot, &budget, opts.node_id)?;
         if !r.was_clean {
@@ -189,6 +193,7 @@ impl Fs {
             withdraw_reason: Mutex::new(None),
             journal: Mutex::new(Some(jholder)),
             replays: Mutex::new(Vec::new()),
+            recoveries: Mutex::new(std::collections::BTreeMap::new()),
             mounted_at: Instant::now(),
             stopping: AtomicBool::new(false),
             me: me.clone(),
@@ -208,6 +213,17 @@ impl Fs {
 
     pub fn arc(&self) -> Option<Arc<Fs>> {
         self.me.upgrade()
+    }
+
+    pub fn set_recovery_progress(&self, node: u32, journal: u32, step: &str) {
+        self.recoveries.lock().unwrap_or_else(|p| p.into_inner()).insert((node, journal), step.to_string());
+    }
+
+    pub fn note_replay(&self, r: ReplayReport) {
+        if !r.was_clean {
+            self.stats.journals_replayed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.replays.lock().unwrap_or_else(|p| p.into_inner()).push(r);
     }
 
     pub fn journal_slot(&self) -> u32 {

@@ -1,1 +1,395 @@
-//! stub
+//! The FUSE adapter: the only module that knows fuser. Each callback converts
+//! arguments, calls one operation of [`Fs`], and replies; no filesystem logic
+//! lives here (mountpoint-s3's fuse.rs is the model).
+//!
+//! Coherence with the kernel: file handles are opened with FOPEN_DIRECT_IO and
+//! entry/attribute TTLs are zero, so the kernel's caches never hide a change
+//! another node made (docs/SEMANTICS.md).
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+use mcfs_format::dinode::{Timespec, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFSOCK};
+use mcfs_format::dir;
+
+use crate::error::FsError;
+use crate::fs::Fs;
+use crate::icache::KernelNotify;
+use crate::inode::Attr;
+use crate::ops::{Caller, DirEntry, SetAttr};
+
+const TTL: Duration = Duration::ZERO;
+const ROOT: u64 = 1;
+
+pub struct McfsFuse {
+    fs: Arc<Fs>,
+    dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    next_fh: AtomicU64,
+    notifier: Arc<OnceLock<Notifier>>,
+}
+
+/// Tells the kernel to drop entries (used when another node wants to delete an
+/// inode this node's kernel still references).
+struct Notify {
+    n: Arc<OnceLock<Notifier>>,
+    root: u64,
+}
+
+impl KernelNotify for Notify {
+    fn forget_entry(&self, parent: u64, ino: u64, name: &[u8]) {
+        if let Some(n) = self.n.get() {
+            let p = if parent == self.root { ROOT } else { parent };
+            let _ = n.delete(INodeNo(p), INodeNo(ino), OsStr::from_bytes(name));
+        }
+    }
+    fn inval_inode(&self, ino: u64) {
+        if let Some(n) = self.n.get() {
+            let _ = n.inval_inode(INodeNo(ino), 0, 0);
+        }
+    }
+}
+
+impl McfsFuse {
+    pub fn new(fs: Arc<Fs>) -> McfsFuse {
+        let notifier = Arc::new(OnceLock::new());
+        fs.icache.set_kernel(Arc::new(Notify { n: notifier.clone(), root: fs.root_ino() }));
+        McfsFuse { fs, dirs: Mutex::new(HashMap::new()), next_fh: AtomicU64::new(1), notifier }
+    }
+
+    fn ino(&self, i: INodeNo) -> u64 {
+        if i.0 == ROOT {
+            self.fs.root_ino()
+        } else {
+            i.0
+        }
+    }
+
+    fn fuse_ino(&self, ino: u64) -> INodeNo {
+        INodeNo(if ino == self.fs.root_ino() { ROOT } else { ino })
+    }
+
+    fn attr(&self, a: &Attr) -> FileAttr {
+        FileAttr {
+            ino: self.fuse_ino(a.ino),
+            size: a.size,
+            blocks: a.blocks,
+            atime: systime(a.atime),
+            mtime: systime(a.mtime),
+            ctime: systime(a.ctime),
+            crtime: systime(a.ctime),
+            kind: kind_of(a.mode),
+            perm: (a.mode & 0o7777) as u16,
+            nlink: a.nlink,
+            uid: a.uid,
+            gid: a.gid,
+            rdev: a.rdev,
+            blksize: a.blksize,
+            flags: 0,
+        }
+    }
+
+    fn entry(&self, r: Result<Attr, FsError>, reply: ReplyEntry) {
+        match r {
+            Ok(a) => reply.entry(&TTL, &self.attr(&a), Generation(a.generation)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    /// Run the session until unmounted. Blocks.
+    pub fn run(self, mountpoint: &Path, config: &fuser::Config) -> std::io::Result<()> {
+        let notifier = self.notifier.clone();
+        let session = fuser::Session::new(self, mountpoint, config)?;
+        let _ = notifier.set(session.notifier());
+        session.run()
+    }
+}
+
+fn errno(e: &FsError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn systime(t: Timespec) -> SystemTime {
+    if t.sec >= 0 {
+        UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
+    } else {
+        UNIX_EPOCH - Duration::new(t.sec.unsigned_abs(), 0) + Duration::new(0, t.nsec)
+    }
+}
+
+fn timespec(t: SystemTime) -> Timespec {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timespec { sec: d.as_secs() as i64, nsec: d.subsec_nanos() },
+        Err(e) => Timespec { sec: -(e.duration().as_secs() as i64), nsec: 0 },
+    }
+}
+
+fn time_or_now(t: TimeOrNow) -> Timespec {
+    match t {
+        TimeOrNow::SpecificTime(s) => timespec(s),
+        TimeOrNow::Now => crate::inode::now(),
+    }
+}
+
+fn kind_of(mode: u32) -> FileType {
+    match mode & S_IFMT {
+        S_IFDIR => FileType::Directory,
+        S_IFLNK => FileType::Symlink,
+        S_IFCHR => FileType::CharDevice,
+        S_IFBLK => FileType::BlockDevice,
+        S_IFIFO => FileType::NamedPipe,
+        S_IFSOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn kind_of_dtype(t: u8) -> FileType {
+    match t {
+        dir::DT_DIR => FileType::Directory,
+        dir::DT_LNK => FileType::Symlink,
+        dir::DT_CHR => FileType::CharDevice,
+        dir::DT_BLK => FileType::BlockDevice,
+        dir::DT_FIFO => FileType::NamedPipe,
+        dir::DT_SOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller { uid: req.uid(), gid: req.gid() }
+}
+
+impl Filesystem for McfsFuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        if let Err(e) = self.fs.unmount() {
+            tracing::error!("unmount: {e}");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.entry(self.fs.lookup(self.ino(parent), name.as_bytes()), reply);
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(self.ino(ino), nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(self.ino(ino)) {
+            Ok(a) => reply.attr(&TTL, &self.attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let a = SetAttr { mode, uid, gid, size, atime: atime.map(time_or_now), mtime: mtime.map(time_or_now) };
+        match self.fs.setattr(self.ino(ino), &a, caller(req)) {
+            Ok(a) => reply.attr(&TTL, &self.attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(self.ino(ino)) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        self.entry(self.fs.mknod(self.ino(parent), name.as_bytes(), mode & !umask, rdev, caller(req)), reply);
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        self.entry(self.fs.mkdir(self.ino(parent), name.as_bytes(), mode & !umask, caller(req)), reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.fs.unlink(self.ino(parent), name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.fs.rmdir(self.ino(parent), name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        self.entry(self.fs.symlink(self.ino(parent), link_name.as_bytes(), target.as_os_str().as_bytes(), caller(req)), reply);
+    }
+
+    fn rename(&self, _req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
+        let mut f = 0;
+        if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+            f |= crate::ops::RENAME_NOREPLACE;
+        }
+        if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            f |= crate::ops::RENAME_EXCHANGE;
+        }
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            reply.error(Errno::from_i32(libc::EINVAL));
+            return;
+        }
+        match self.fs.rename(self.ino(parent), name.as_bytes(), self.ino(newparent), newname.as_bytes(), f) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        self.entry(self.fs.link(self.ino(ino), self.ino(newparent), newname.as_bytes()), reply);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.open(self.ino(ino)) {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
+        match self.fs.read(self.ino(ino), offset, size) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.fs.write(self.ino(ino), offset, data) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+        self.fs.release(self.ino(ino));
+        reply.ok();
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match self.fs.fsync(self.ino(ino)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.readdir(self.ino(ino)) {
+            Ok(v) => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                self.dirs.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, Arc::new(v));
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        // offset 0 after entries were read means rewinddir: take a new snapshot
+        let snap = {
+            let mut m = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+            match m.get(&fh.0) {
+                Some(v) if offset != 0 => Some(v.clone()),
+                _ => {
+                    drop(m);
+                    match self.fs.readdir(self.ino(ino)) {
+                        Ok(v) => {
+                            let a = Arc::new(v);
+                            m = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+                            m.insert(fh.0, a.clone());
+                            Some(a)
+                        }
+                        Err(e) => {
+                            reply.error(errno(&e));
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        let Some(v) = snap else { return };
+        for (i, e) in v.iter().enumerate().skip(offset as usize) {
+            let full = reply.add(self.fuse_ino(e.ino), (i + 1) as u64, kind_of_dtype(e.dtype), OsStr::from_bytes(&e.name));
+            if full {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.dirs.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match self.fs.fsync(self.ino(ino)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.fs.statfs_op() {
+            Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, _flags: i32, reply: ReplyCreate) {
+        match self.fs.create(self.ino(parent), name.as_bytes(), mode & !umask, caller(req)) {
+            Ok(a) => reply.created(&TTL, &self.attr(&a), Generation(a.generation), FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}

@@ -621,6 +621,25 @@ impl GlockTable {
         None
     }
 
+    /// Give up a cached glock now if nobody holds it (journal locks: the node
+    /// that owns the journal will want it).
+    pub fn unlock_idle(&self, name: LockName) {
+        let gl = self.get(name);
+        let id = {
+            let mut st = gl.lock_st();
+            if st.busy || st.holder_ex || st.holders_sh > 0 {
+                return;
+            }
+            let Some((id, _)) = st.granted.take() else { return };
+            id
+        };
+        self.by_id.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        if let Err(e) = self.backend.unlock(id, None) {
+            tracing::warn!(lock = %name, "unlock failed: {e:?}");
+        }
+        gl.cv.notify_all();
+    }
+
     /// Sync and release every glock (unmount). Holders must be gone.
     pub fn release_all(&self) -> Result<()> {
         let names: Vec<LockName> = self.map.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();

@@ -1,1 +1,284 @@
-fn main() {}
+//! mcfs-node: mount a shared mcfs device through FUSE. Thin: parse the
+//! configuration, open the device, join the lockspace, mount, serve, and on
+//! unmount or SIGTERM leave cleanly. Everything else lives in the library.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
+
+use mcfs_blockdev::BlockDevice;
+use mcfs_node::admin::{Admin, DaemonInfo};
+use mcfs_node::config::{Args, Config};
+use mcfs_node::fs::{read_superblock, Fs, MountOptions};
+use mcfs_node::glock::{LockBackend, NoLock};
+use mcfs_node::lock_dlm::DlmBackend;
+use mcfs_proto::auth::Secret;
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    let helper = argv.first().is_some_and(|a| a.ends_with("mount.fuse.mcfs") || a.ends_with("mount.mcfs"));
+    let args = if helper {
+        match Args::from_mount_helper(&argv) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("mount.fuse.mcfs: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        <Args as clap::Parser>::parse()
+    };
+    let log_json = args.log_json;
+    let cfg = match args.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mcfs-node: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(log_json);
+    if helper {
+        // mount(8) waits for its helper: serve from a child, return once mounted.
+        return daemonize_and_wait(&cfg);
+    }
+    match run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("mcfs-node: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=warn"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+/// Mount helper: fork; the child serves, the parent waits until the mount
+/// appears (or the child fails) so that `mount` reports the outcome.
+fn daemonize_and_wait(cfg: &Config) -> ExitCode {
+    // SAFETY: fork before any thread was started (logging does not spawn).
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        eprintln!("mount.fuse.mcfs: fork failed");
+        return ExitCode::from(1);
+    }
+    if pid == 0 {
+        // SAFETY: setsid in the child detaches it from the terminal.
+        unsafe { libc::setsid() };
+        return match run(cfg.clone()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mcfs-node: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    let mp = cfg.mountpoint.to_string_lossy().to_string();
+    for _ in 0..600 {
+        if is_mounted(&mp) {
+            return ExitCode::SUCCESS;
+        }
+        let mut status = 0;
+        // SAFETY: waitpid on our own child, non-blocking.
+        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+            eprintln!("mount.fuse.mcfs: the node daemon exited before mounting (see its log)");
+            return ExitCode::from(1);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    eprintln!("mount.fuse.mcfs: timed out waiting for the mount");
+    ExitCode::from(1)
+}
+
+fn is_mounted(mp: &str) -> bool {
+    std::fs::read_to_string("/proc/mounts").map(|m| m.lines().any(|l| l.split(' ').nth(1) == Some(mp))).unwrap_or(false)
+}
+
+fn preflight(cfg: &Config) -> Result<(), String> {
+    if !Path::new("/dev/fuse").exists() {
+        return Err("/dev/fuse is missing: load the fuse module (modprobe fuse)".into());
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("mcfs-node must run as root (it mounts FUSE without fusermount and opens the device with O_DIRECT)".into());
+    }
+    match std::fs::metadata(&cfg.mountpoint) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(format!("mount point {} is not a directory", cfg.mountpoint.display())),
+        Err(e) => return Err(format!("mount point {}: {e} (create it first)", cfg.mountpoint.display())),
+    }
+    if is_mounted(&cfg.mountpoint.to_string_lossy()) {
+        return Err(format!("{} is already a mount point (a stale mount of a killed node? try: umount -l {})", cfg.mountpoint.display(), cfg.mountpoint.display()));
+    }
+    Ok(())
+}
+
+fn run(cfg: Config) -> Result<(), String> {
+    preflight(&cfg)?;
+    let dev = mcfs_blockdev::open_path(&cfg.device, cfg.read_only).map_err(|e| format!("cannot open {}: {e}", cfg.device.display()))?;
+    let dev: Arc<dyn BlockDevice> = Arc::new(dev);
+    let sb = read_superblock(dev.as_ref()).map_err(|e| format!("{}: not a usable mcfs filesystem: {e} (run fsck.mcfs, or mkfs.mcfs to format it)", cfg.device.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("mcfs-rt").build().map_err(|e| format!("runtime: {e}"))?;
+    let fs_cell: Arc<OnceLock<Arc<Fs>>> = Arc::new(OnceLock::new());
+    let secret = match &cfg.secret_file {
+        Some(p) => Some(Secret::from_file(p)?),
+        None => None,
+    };
+
+    // Admin service first: its address goes to the lock server at join.
+    let listener = rt.block_on(tokio::net::TcpListener::bind(&cfg.admin)).map_err(|e| format!("admin address {}: {e}", cfg.admin))?;
+    let admin_addr = listener.local_addr().map_err(|e| e.to_string())?.to_string();
+    let info = DaemonInfo {
+        node_id: cfg.node_id,
+        device: cfg.device.display().to_string(),
+        mountpoint: cfg.mountpoint.display().to_string(),
+        pid: std::process::id(),
+        lock: if cfg.nolock { "nolock".into() } else { "dlm".into() },
+        dlm: cfg.dlm.clone().unwrap_or_default(),
+    };
+    let admin_secret = secret.clone().unwrap_or_else(|| Secret::new(format!("local-{}", std::process::id())).unwrap_or_else(|_| unreachable_secret()));
+    rt.spawn(mcfs_node::admin::serve(listener, Admin { fs: fs_cell.clone(), info }, admin_secret));
+    if let Some(p) = &cfg.admin_addr_file {
+        std::fs::write(p, &admin_addr).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    if let Some(p) = &cfg.pid_file {
+        std::fs::write(p, format!("{}\n", std::process::id())).map_err(|e| format!("pid file {}: {e}", p.display()))?;
+    }
+
+    let mut client = None;
+    let backend: Arc<dyn LockBackend> = if cfg.nolock {
+        Arc::new(NoLock::default())
+    } else {
+        let (Some(addr), Some(secret)) = (cfg.dlm.clone(), secret.clone()) else {
+            return Err("a cluster mount needs --dlm and --secret-file".into());
+        };
+        let cc = mcfs_dlm::ClientConfig { addr: addr.clone(), secret, lockspace: sb.table(), node_id: cfg.node_id, admin_addr: admin_addr.clone() };
+        let (c, events) = rt.block_on(mcfs_dlm::DlmClient::connect(cc)).map_err(|e| match e {
+            mcfs_dlm::Error::FailedPrecondition(m) => format!("the lock server refused node {}: {m}", cfg.node_id),
+            other => format!("cannot join lockspace {} at {addr}: {other} (is mcfs-dlm running there, with the same secret?)", sb.table()),
+        })?;
+        rt.spawn(mcfs_node::lock_dlm::run_events(events, fs_cell.clone(), c.clone()));
+        client = Some(c.clone());
+        Arc::new(DlmBackend::new(c, rt.handle().clone()))
+    };
+
+    let mut opts = MountOptions { node_id: cfg.node_id, evict: cfg.evict, min_hold: cfg.min_hold, force_nolock: cfg.force_nolock, ..Default::default() };
+    let budget = match (cfg.cache_mem, mcfs_node::icache::budget::cgroup_limit()) {
+        (Some(m), Some(cg)) => m.min(cg.saturating_sub(cg / 4).max(16 << 20)),
+        (Some(m), None) => m,
+        (None, Some(cg)) => cg.saturating_sub(cg / 4).max(16 << 20),
+        (None, None) => opts.cache_mem,
+    };
+    opts.cache_mem = budget;
+    let fs = Fs::mount(dev, backend, opts).map_err(|e| format!("mount failed: {e}"))?;
+    let _ = fs_cell.set(fs.clone());
+    if let Some(c) = &client {
+        if let Err(e) = rt.block_on(c.set_session_info(fs.journal_slot() as i32, &admin_addr)) {
+            tracing::warn!("could not register journal slot with the lock server: {e}");
+        }
+    }
+    fs.instantiate_root().map_err(|e| format!("root directory: {e}"))?;
+    start_pressure_watch(&fs);
+    tracing::info!(mountpoint = %cfg.mountpoint.display(), device = %cfg.device.display(), admin = %admin_addr, budget, evict = cfg.evict.as_str(), "serving");
+
+    // SIGTERM / SIGINT: unmount, which ends the session below cleanly.
+    let mp = cfg.mountpoint.clone();
+    rt.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("signal: unmounting");
+        unmount(&mp);
+    });
+
+    let mut fc = fuser::Config::default();
+    fc.mount_options = vec![fuser::MountOption::FSName(cfg.device.display().to_string()), fuser::MountOption::Subtype("mcfs".into()), fuser::MountOption::DefaultPermissions, fuser::MountOption::NoAtime];
+    if cfg.read_only {
+        fc.mount_options.push(fuser::MountOption::RO);
+    }
+    if cfg.allow_other {
+        fc.acl = fuser::SessionACL::All;
+    }
+    fc.n_threads = Some(cfg.threads);
+    fc.clone_fd = true;
+    let res = mcfs_node::fuse::McfsFuse::new(fs.clone()).run(&cfg.mountpoint, &fc);
+    // destroy() has run: the filesystem is unmounted (or withdrawn).
+    let clean = !fs.is_withdrawn();
+    if let Err(e) = res {
+        tracing::error!("FUSE session: {e}");
+    }
+    if let Some(c) = client {
+        if clean {
+            if let Err(e) = rt.block_on(c.leave()) {
+                tracing::warn!("leaving the lockspace: {e}");
+            }
+        } else {
+            tracing::error!("withdrawn: not leaving the lockspace cleanly, so the cluster recovers this node's journal");
+        }
+    }
+    if let Some(p) = &cfg.pid_file {
+        let _ = std::fs::remove_file(p);
+    }
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    if clean {
+        Ok(())
+    } else {
+        Err(format!("withdrawn: {}", fs.withdraw_reason().unwrap_or_default()))
+    }
+}
+
+fn unreachable_secret() -> Secret {
+    // Secret::new only fails on empty or non-printable input; "local" is neither.
+    Secret::new("local").unwrap_or_else(|_| std::process::abort())
+}
+
+fn unmount(mp: &Path) {
+    let Ok(c) = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes()) else { return };
+    // SAFETY: umount2 with a valid C string.
+    let r = unsafe { libc::umount2(c.as_ptr(), 0) };
+    if r != 0 {
+        tracing::warn!("unmount busy; detaching lazily (it completes when the last user leaves)");
+        // SAFETY: as above.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// The cgroup's memory-pressure notifications start reclaim early (v1:
+/// memory.pressure_level through cgroup.event_control and an eventfd).
+fn start_pressure_watch(fs: &Arc<Fs>) {
+    let Some(dir) = mcfs_node::icache::budget::cgroup_v1_dir() else { return };
+    let budget = fs.budget.clone();
+    let _ = std::thread::Builder::new().name("mem-pressure".into()).spawn(move || {
+        let pl = dir.join("memory.pressure_level");
+        let ctl = dir.join("cgroup.event_control");
+        let Ok(plf) = std::fs::File::open(&pl) else { return };
+        // SAFETY: eventfd with valid flags.
+        let efd = unsafe { libc::eventfd(0, 0) };
+        if efd < 0 {
+            return;
+        }
+        use std::os::fd::AsRawFd;
+        let line = format!("{} {} low", efd, plf.as_raw_fd());
+        if std::fs::write(&ctl, line).is_err() {
+            return;
+        }
+        tracing::info!(cgroup = %dir.display(), "watching memory pressure");
+        let mut buf = [0u8; 8];
+        loop {
+            // SAFETY: read 8 bytes from our eventfd.
+            let n = unsafe { libc::read(efd, buf.as_mut_ptr().cast(), 8) };
+            if n != 8 {
+                return;
+            }
+            budget.pressure();
+        }
+    });
+}
