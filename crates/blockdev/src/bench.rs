@@ -53,6 +53,9 @@ pub struct BenchOpts {
     /// API (how the filesystem's FUSE thread pool uses the device), compared with the
     /// same fio numbers. 0 skips it.
     pub sync_threads: usize,
+    /// Also run fio a second time in every round and report fio against itself: the
+    /// noise floor of the machine, to read the other ratios against.
+    pub control: bool,
     /// Only these workloads, by fio's name (`randwrite`, `write`, `randread`, `read`);
     /// empty runs all.
     pub only: Vec<String>,
@@ -61,13 +64,14 @@ pub struct BenchOpts {
 impl Default for BenchOpts {
     fn default() -> BenchOpts {
         BenchOpts {
-            runtime: Duration::from_secs(3),
+            runtime: Duration::from_secs(2),
             image_size: 1 << 30,
             reads: true,
-            rounds: 1,
+            rounds: 3,
             precondition: true,
             fio: Some(PathBuf::from("fio")),
             sync_threads: 64,
+            control: true,
             only: Vec::new(),
         }
     }
@@ -137,12 +141,19 @@ pub struct Row {
     pub fio: Option<Measure>,
     /// ours / fio in IOPS: the median of the per-round ratios.
     pub ratio: Option<f64>,
-    /// Each round's ratio (empty for rows compared with another row's fio runs).
+    /// Each round's ratio.
     pub ratios: Vec<f64>,
+    /// A control row: fio against itself, not this crate.
+    pub control: bool,
 }
 
 impl Row {
+    /// Whether this crate reached the target on this row (`None` without fio, and for
+    /// control rows).
     pub fn meets_target(&self) -> Option<bool> {
+        if self.control {
+            return None;
+        }
         self.ratio.map(|r| r >= TARGET_RATIO)
     }
 }
@@ -175,6 +186,7 @@ pub fn run(device: Option<&Path>, opts: &BenchOpts) -> Result<Vec<Row>, Error> {
         let modes = modes_for(&w, opts);
         let mut ours: Vec<Vec<Measure>> = vec![Vec::new(); modes.len()];
         let mut fio = Vec::new();
+        let mut fio_again = Vec::new();
         for r in 0..rounds {
             // Alternate who goes first, so neither side always inherits the other's state.
             let fio_first = r % 2 == 0;
@@ -199,6 +211,12 @@ pub fn run(device: Option<&Path>, opts: &BenchOpts) -> Result<Vec<Row>, Error> {
                     tracing::debug!(workload = %w.name(), round = r, fio = ?fio.last());
                 }
             }
+            if opts.control {
+                if let Some(f) = &opts.fio {
+                    fio_again.push(run_fio(f, &path, &w, opts.runtime, dev.size())?);
+                    tracing::debug!(workload = %w.name(), round = r, fio_again = ?fio_again.last());
+                }
+            }
         }
         let fio_m = (!fio.is_empty()).then(|| median(&fio));
         for (mode, runs) in modes.iter().zip(&ours) {
@@ -215,9 +233,27 @@ pub fn run(device: Option<&Path>, opts: &BenchOpts) -> Result<Vec<Row>, Error> {
                 fio: fio_m,
                 ratio: median_f(&ratios),
                 ratios,
+                control: false,
             };
             tracing::info!(?row, "measured");
             rows.push(row);
+        }
+        if !fio_again.is_empty() {
+            // The second fio run of a round against the first: what the ratio of two
+            // identical programs looks like on this machine right now.
+            let ratios: Vec<f64> = fio_again
+                .iter()
+                .zip(&fio)
+                .map(|(a, f)| ratio(a.iops, f.iops))
+                .collect();
+            rows.push(Row {
+                workload: format!("{} — fio again (noise floor)", w.name()),
+                ours: median(&fio_again),
+                fio: fio_m,
+                ratio: median_f(&ratios),
+                ratios,
+                control: true,
+            });
         }
     }
     Ok(rows)
@@ -308,18 +344,19 @@ pub fn format_table(rows: &[Row]) -> String {
             ),
             None => ("-".into(), "-".into(), "-".into()),
         };
-        let (ratio, target) = match (r.ratio, r.meets_target()) {
-            (Some(x), Some(ok)) => (
-                if r.ratios.len() > 1 {
-                    let lo = r.ratios.iter().copied().fold(f64::INFINITY, f64::min);
-                    let hi = r.ratios.iter().copied().fold(0.0, f64::max);
-                    format!("{x:.3} ({lo:.2}–{hi:.2})")
-                } else {
-                    format!("{x:.3}")
-                },
-                format!("≥ {TARGET_RATIO} {}", if ok { "met" } else { "MISSED" }),
-            ),
-            _ => ("-".into(), format!("≥ {TARGET_RATIO} (no fio)")),
+        let ratio = match r.ratio {
+            Some(x) if r.ratios.len() > 1 => {
+                let lo = r.ratios.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = r.ratios.iter().copied().fold(0.0, f64::max);
+                format!("{x:.3} ({lo:.2}–{hi:.2})")
+            }
+            Some(x) => format!("{x:.3}"),
+            None => "-".into(),
+        };
+        let target = match (r.control, r.meets_target()) {
+            (true, _) => "control".to_string(),
+            (false, Some(ok)) => format!("≥ {TARGET_RATIO} {}", if ok { "met" } else { "MISSED" }),
+            (false, None) => format!("≥ {TARGET_RATIO} (no fio)"),
         };
         let _ = writeln!(
             s,
@@ -932,6 +969,7 @@ mod tests {
             }),
             ratio: Some(0.95),
             ratios: vec![0.95],
+            control: false,
         }];
         let t = format_table(&rows);
         assert!(t.contains("| 4k randwrite qd64 | 95 |"), "{t}");

@@ -423,3 +423,96 @@ fn file_device_roundtrip_short_read_and_read_only() {
     let ro = FileDevice::open(&path, true, None).unwrap();
     assert!(matches!(ro.write_at(0, &[0; 512]), Err(Error::ReadOnly { .. })));
 }
+
+#[test]
+fn completion_callbacks_can_chain_requests_from_the_ring_thread() {
+    use std::sync::mpsc;
+    let (_d, _p, dev) = file_dev(4 << 20, OpenOptions::default());
+    let dev = Arc::new(dev);
+    let (tx, rx) = mpsc::channel();
+
+    // Write block i, and from its completion write block i+1, 100 times.
+    fn chain(dev: Arc<UringDevice>, i: u64, tx: mpsc::Sender<Result<u64, String>>) {
+        let buf = AlignedBuf::from_slice(&pattern(500 + i, 4096));
+        let d2 = dev.clone();
+        dev.submit_write_with(i * 4096, buf, move |res, buf| {
+            if let Err(e) = res {
+                let _ = tx.send(Err(e.to_string()));
+                return;
+            }
+            assert_eq!(&buf[..], &pattern(500 + i, 4096)[..], "buffer comes back");
+            if i == 99 {
+                let _ = tx.send(Ok(i));
+            } else {
+                chain(d2, i + 1, tx);
+            }
+        });
+    }
+    chain(dev.clone(), 0, tx.clone());
+    let last = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("chain finished")
+        .unwrap();
+    assert_eq!(last, 99);
+    let mut all = AlignedBuf::new(100 * 4096);
+    dev.read_at(0, &mut all).unwrap();
+    for i in 0..100u64 {
+        let at = (i * 4096) as usize;
+        assert_eq!(&all[at..at + 4096], &pattern(500 + i, 4096)[..], "block {i}");
+    }
+
+    // A read callback gets the data, through a bounce buffer when misaligned.
+    let (rtx, rrx) = mpsc::channel();
+    dev.submit_read_with(4096, AlignedBuf::with_alignment(4096, 8), move |res, buf| {
+        let _ = rtx.send((res.is_ok(), buf[..].to_vec()));
+    });
+    let (ok, data) = rrx.recv_timeout(std::time::Duration::from_secs(30)).unwrap();
+    assert!(ok);
+    assert_eq!(data, pattern(501, 4096));
+
+    // Rejected requests call back at once, on this thread, with the error.
+    let here = std::thread::current().id();
+    let (etx, erx) = mpsc::channel();
+    dev.submit_write_with(3, AlignedBuf::new(4096), move |res, _| {
+        let _ = etx.send((std::thread::current().id(), res.map_err(|e| e.to_string())));
+    });
+    let (tid, res) = erx.try_recv().expect("called back synchronously");
+    assert_eq!(tid, here);
+    assert!(res.unwrap_err().contains("unaligned"));
+}
+
+#[test]
+fn a_panicking_callback_does_not_stop_the_ring() {
+    let (_d, _p, dev) = file_dev(1 << 20, OpenOptions::default());
+    dev.submit_write_with(0, AlignedBuf::new(4096), |_, _| panic!("callback bug"));
+    // The device keeps working afterwards.
+    for i in 0..10u64 {
+        dev.write_at(i * 4096, &pattern(i, 4096)).unwrap();
+    }
+    let mut b = vec![0u8; 4096];
+    dev.read_at(9 * 4096, &mut b).unwrap();
+    assert_eq!(b, pattern(9, 4096));
+}
+
+#[test]
+fn last_device_handle_dropped_inside_a_callback() {
+    let dir = tempdir();
+    let path = dir.path().join("img");
+    sparse(&path, 1 << 20);
+    let dev = Arc::new(UringDevice::open(&path, OpenOptions::default()).unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let held = dev.clone();
+    dev.submit_write_with(0, AlignedBuf::from_slice(&pattern(9, 4096)), move |res, _| {
+        // Whichever of this and the test's handle goes last; when it is this one, the
+        // device is dropped on the ring thread, which must not wait for itself.
+        drop(held);
+        let _ = tx.send(res.is_ok());
+    });
+    drop(dev);
+    assert!(rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap());
+    // The write completed before the ring shut down.
+    let dev = UringDevice::open(&path, OpenOptions::default()).unwrap();
+    let mut b = AlignedBuf::new(4096);
+    dev.read_at(0, &mut b).unwrap();
+    assert_eq!(&b[..], &pattern(9, 4096)[..]);
+}

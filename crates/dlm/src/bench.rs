@@ -136,6 +136,12 @@ async fn pairs(addr: &str, secret: &Secret, ls: &str, opts: &BenchOptions) -> Re
     }
     lat.sort_unstable();
     let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
+    if std::env::var_os("MCFS_BENCH_DEBUG").is_some() {
+        for p in [0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999] {
+            eprintln!("p{p}: {} us", pct(p));
+        }
+        eprintln!("max: {:?} us, n = {}", lat.last(), lat.len());
+    }
     let rate = count.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64();
     let (p50, p99) = (pct(0.50) as f64 / 1000.0, pct(0.99) as f64 / 1000.0);
     Ok(vec![

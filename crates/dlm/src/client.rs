@@ -118,7 +118,10 @@ struct State {
     session_id: u64,
     generation: u64,
     lost: Option<String>,
+    /// Every handle is gone or the session left: stop at once.
     stopping: bool,
+    /// A Leave is in flight: the end of the stream is expected, not a reason to rejoin.
+    leaving: bool,
     ops_tx: Option<mpsc::UnboundedSender<pb::OpRequest>>,
     next_tag: u64,
     pending: HashMap<u64, Pending>,
@@ -328,6 +331,7 @@ impl DlmClient {
                 generation: 0,
                 lost: None,
                 stopping: false,
+                leaving: false,
                 ops_tx: None,
                 next_tag: 1,
                 pending: HashMap::new(),
@@ -430,12 +434,15 @@ impl DlmClient {
     pub async fn leave(self) -> Result<()> {
         let sid = {
             let mut st = self.inner.lock();
-            st.stopping = true;
+            st.leaving = true;
             st.session_id
         };
+        // The streams stay open until the server ends them: closing them first
+        // would look like a crash and get the node fenced.
         let r = self.inner.rpc().leave(pb::LeaveRequest { session_id: sid }).await;
         {
             let mut st = self.inner.lock();
+            st.stopping = true;
             let ev = self.inner.events.clone();
             st.lose("left the lockspace", &ev);
         }
@@ -610,8 +617,9 @@ struct Conn {
 
 async fn drive_forever(inner: Arc<Inner>, mut conn: Conn) {
     loop {
-        let end = drive(&inner, &mut conn).await;
-        conn.ops_task.abort();
+        // `drive` consumes the connection: its streams are closed before we
+        // rejoin, so a server that is still up sees the old session end now.
+        let end = drive(&inner, conn).await;
         inner.lock().ops_tx = None;
         let reason = match end {
             End::Stop => {
@@ -621,6 +629,11 @@ async fn drive_forever(inner: Arc<Inner>, mut conn: Conn) {
             }
             End::Broken(r) => r,
         };
+        if inner.lock().leaving {
+            let ev = inner.events.clone();
+            inner.lock().lose("left the lockspace", &ev);
+            return;
+        }
         tracing::warn!(node = inner.cfg.node_id, lockspace = %inner.cfg.lockspace, "lock server connection lost: {reason}; rejoining");
         let mut backoff = Duration::from_millis(20);
         loop {
@@ -656,7 +669,7 @@ async fn drive_forever(inner: Arc<Inner>, mut conn: Conn) {
 }
 
 /// Serve one connection until it breaks or the client stops.
-async fn drive(inner: &Arc<Inner>, conn: &mut Conn) -> End {
+async fn drive(inner: &Arc<Inner>, mut conn: Conn) -> End {
     let (hb_tx, mut hb_rx) = oneshot::channel::<String>();
     let hb_inner = inner.clone();
     let (sid, every) = (conn.session_id, conn.heartbeat);
@@ -706,6 +719,7 @@ async fn drive(inner: &Arc<Inner>, conn: &mut Conn) -> End {
         }
     };
     hb.abort();
+    conn.ops_task.abort();
     end
 }
 

@@ -97,11 +97,14 @@ impl FenceClient {
         let mut client = FencerClient::with_interceptor(channel, secret.interceptor());
         let mut backoff = Duration::from_millis(50);
         for _ in 0..60 {
-            let r = client
-                .unfence(UnfenceRequest { request_id: request_id.to_string(), node_id: node })
-                .await
-                .map_err(Error::from)?
-                .into_inner();
+            let r = match client.unfence(UnfenceRequest { request_id: request_id.to_string(), node_id: node }).await {
+                Ok(r) => r.into_inner(),
+                // The agent has nothing to lift (e.g. the node was never fenced there).
+                Err(s) if s.code() == tonic::Code::FailedPrecondition && s.message().contains("not fenced") => {
+                    return Ok(format!("agent: {}", s.message()));
+                }
+                Err(s) => return Err(Error::from(s)),
+            };
             match Outcome::try_from(r.outcome) {
                 Ok(Outcome::Success) => return Ok(format!("unfenced by {}", r.method)),
                 Ok(Outcome::Failed) => return Err(Error::FailedPrecondition(format!("unfence failed: {}", r.message))),

@@ -351,3 +351,33 @@ async fn lease_expiry_with_a_paused_clock() {
     let err = svc.heartbeat(Request::new(pb::HeartbeatRequest { session_id: s1 })).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_declared_failed_gets_session_lost_and_its_calls_fail() {
+    let s = server(quick_cfg(), FenceClient::Disabled).await;
+    let (a, mut aev) = client(&s.addr(), "c:fs", 1).await;
+    let (b, _bev) = client(&s.addr(), "c:fs", 2).await;
+    let g = a.lock(b"r", Mode::EX, 0).await.unwrap();
+    let gb = b.lock(b"held-by-b", Mode::EX, 0).await.unwrap();
+    let a2 = a.clone();
+    let queued = tokio::spawn(async move { a2.lock(b"held-by-b", Mode::EX, 0).await });
+    wait_until("a's request queued", T, || async { b.dump(false).await.unwrap().lockspaces[0].members[0].pending == 1 }).await;
+    let shared = s.handle.shared.clone();
+    shared.fail_session(&shared.session(a.session_id()).unwrap(), "evicted by the test");
+    let why = expect_event(&mut aev, T, "SessionLost", |e| match e {
+        ClientEvent::SessionLost(m) => Some(m.clone()),
+        _ => None,
+    })
+    .await;
+    assert!(why.contains("join refused") && why.contains("fenced"), "{why}");
+    assert!(matches!(a.lock(b"x", Mode::NL, 0).await, Err(ClientError::SessionLost(_))));
+    assert!(matches!(a.unlock(g.lock_id, None).await, Err(ClientError::SessionLost(_))));
+    // The queued request is not left hanging.
+    let r = tokio::time::timeout(T, queued).await.unwrap().unwrap();
+    assert!(matches!(r, Err(ClientError::SessionLost(_))), "{r:?}");
+    // No fencing agent and no journal: its locks are released at once.
+    let g2 = tokio::time::timeout(T, b.lock(b"r", Mode::EX, 0)).await.unwrap().unwrap();
+    b.unlock(g2.lock_id, None).await.unwrap();
+    b.unlock(gb.lock_id, None).await.unwrap();
+    b.leave().await.unwrap();
+}

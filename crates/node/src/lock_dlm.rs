@@ -125,20 +125,25 @@ fn recover(fs: &Arc<Fs>, client: &DlmClient, rt: &tokio::runtime::Handle, node: 
     };
     fs.set_recovery_progress(node, journal, "replaying");
     let res = crate::recovery::replay(fs.dev.as_ref(), &fs.sb, journal, &fs.budget, fs.node_id);
-    drop(h);
-    fs.glocks.unlock_idle(name);
     match res {
         Ok((report, _)) => {
-            tracing::info!(node, journal, replayed = report.blocks_replayed, ms = t0.elapsed().as_millis() as u64, "journal of failed node replayed");
+            let was_clean = report.was_clean;
+            tracing::info!(node, journal, replayed = report.blocks_replayed, ms = t0.elapsed().as_millis() as u64, was_clean, "journal of failed node replayed");
             fs.note_replay(report);
-            if let Err(e) = rt.block_on(client.recovery_done(node, journal as i32)) {
-                tracing::info!(node, journal, "recovery done not accepted (another survivor finished first?): {e}");
+            // reported while we still hold the journal lock: the DLM checks that
+            match rt.block_on(client.recovery_done(node, journal as i32)) {
+                Ok(()) => fs.set_recovery_progress(node, journal, "done"),
+                Err(e) => {
+                    tracing::info!(node, journal, "recovery done not accepted (another survivor finished first): {e}");
+                    fs.set_recovery_progress(node, journal, "done by another node");
+                }
             }
-            fs.set_recovery_progress(node, journal, "done");
         }
         Err(e) => {
             fs.set_recovery_progress(node, journal, "failed");
             fs.withdraw(&format!("replay of journal {journal} (node {node}) failed: {e}"));
         }
     }
+    drop(h);
+    fs.glocks.unlock_idle(name);
 }

@@ -250,10 +250,10 @@ impl Cluster {
             mcfs_node::mkfs::mkfs(&dev, &p, &mut |_, _| {}).map_err(|e| anyhow::anyhow!("mkfs: {e}"))?;
         }
         self.say(o, &format!("formatted {} ({} journals)", self.f.lockspace, o.journals.unwrap_or(o.nodes + 1)));
+        let secret = dir.join("secret");
+        fs::write(&secret, random_secret())?;
+        self.f.secret_file = Some(secret);
         if !o.nolock {
-            let secret = dir.join("secret");
-            fs::write(&secret, random_secret())?;
-            self.f.secret_file = Some(secret.clone());
             self.write_fence_config()?;
             self.start_fenced()?;
             self.say(o, &format!("mcfs-fenced on {}", self.f.fence_addr.clone().unwrap_or_default()));
@@ -358,10 +358,11 @@ impl Cluster {
             self.pid_file(n).display(),
             self.admin_file(n).display()
         );
+        s += &format!("secret_file = \"{}\"\n", self.secret_arg()?);
         if self.f.nolock {
             s += "lock = \"nolock\"\n";
         } else {
-            s += &format!("dlm = \"{}\"\nsecret_file = \"{}\"\n", self.f.dlm_addr.clone().unwrap_or_default(), self.secret_arg()?);
+            s += &format!("dlm = \"{}\"\n", self.f.dlm_addr.clone().unwrap_or_default());
         }
         let mut f = fs::File::create(self.node_config(n))?;
         f.write_all(s.as_bytes())?;
@@ -375,6 +376,9 @@ impl Cluster {
         }
         if let Some(pid) = self.node_pid(n) {
             bail!("node {n} is already running (pid {pid})");
+        }
+        if !self.f.nolock {
+            self.unfence(n)?;
         }
         let mp = self.mountpoint(n);
         umount_lazy(&mp); // a killed node's stale mount
@@ -405,6 +409,31 @@ impl Cluster {
         }
     }
 
+    /// Let a fenced node back in (its journal must have been replayed): the
+    /// local cluster unfences automatically on `start`, as a real cluster may
+    /// by configuration. A node that is not fenced is left alone.
+    pub fn unfence(&self, n: u32) -> Result<()> {
+        let (Some(addr), Some(sf)) = (self.f.dlm_addr.clone(), self.f.secret_file.clone()) else { return Ok(()) };
+        let secret = mcfs_proto::auth::Secret::from_file(&sf).map_err(anyhow::Error::msg)?;
+        let lockspace = self.f.lockspace.clone();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async move {
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_timeout(Duration::from_secs(5)).timeout(Duration::from_secs(30)).connect().await?;
+            let mut cl = mcfs_proto::dlm::dlm_client::DlmClient::with_interceptor(ch, secret.interceptor());
+            match cl.unfence(mcfs_proto::dlm::UnfenceRequest { lockspace, node_id: n }).await {
+                Ok(_) => Ok(()),
+                Err(st) if st.code() == tonic::Code::FailedPrecondition || st.code() == tonic::Code::NotFound => {
+                    // not fenced (or never joined): nothing to do, unless its journal still waits for replay
+                    if st.message().contains("replay") {
+                        bail!("node {n} cannot rejoin yet: {}", st.message());
+                    }
+                    Ok(())
+                }
+                Err(st) => bail!("unfencing node {n}: {}", st.message()),
+            }
+        })
+    }
+
     /// SIGKILL node `n` (a crash). Its stale mount stays until `start` or `down`.
     pub fn kill(&self, n: u32) -> Result<u32> {
         let pid = self.node_pid(n).with_context(|| format!("node {n} is not running"))?;
@@ -418,9 +447,18 @@ impl Cluster {
         let mp = self.mountpoint(n);
         let pid = self.node_pid(n);
         if is_mounted(&mp) {
-            let st = Command::new("umount").arg(&mp).status()?;
-            if !st.success() {
-                bail!("umount {} failed (busy?)", mp.display());
+            // umount stats the root first: a node stuck on a cluster lock makes
+            // that hang, so give up after a while instead of hanging with it
+            let mut child = Command::new("umount").arg(&mp).spawn()?;
+            let st = wait_for(Duration::from_secs(30), || child.try_wait().ok().flatten());
+            match st {
+                Some(st) if st.success() => {}
+                Some(_) => bail!("umount {} failed (busy?)", mp.display()),
+                None => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!("umount {} did not finish in 30 s (the node is stuck; see `mcfs status`)", mp.display());
+                }
             }
         }
         if let Some(pid) = pid {

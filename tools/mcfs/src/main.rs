@@ -2,9 +2,11 @@
 //! an `Args` (clap) and `run`. Connection flags shared by every subcommand that
 //! talks to a daemon live in `common`.
 
+mod cluster_cmd;
 mod common;
 mod fence;
 mod locks;
+mod status;
 
 use clap::{Parser, Subcommand};
 
@@ -22,10 +24,28 @@ enum Cmd {
     /// Fencing: history, status, manual acknowledgement, unfence.
     #[command(subcommand)]
     Fence(fence::Cmd),
+    /// A local cluster on this machine: up, down, kill, start, stop.
+    #[command(subcommand)]
+    Cluster(cluster_cmd::Cmd),
+    /// Members, leases, recoveries, fencing, and each node's mount, journal,
+    /// cache and deferred-eviction counters.
+    Status(status::Args),
+    /// Dump one node's glocks (state, holders, waiters), like GFS2's debugfs.
+    Glocks(status::GlocksArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Cluster(c) = cli.cmd {
+        // blocking work (processes, mounts): no runtime needed
+        return match cluster_cmd::run(c) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mcfs: {e:#}");
+                std::process::ExitCode::from(1)
+            }
+        };
+    }
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -37,6 +57,9 @@ fn main() -> std::process::ExitCode {
         match cli.cmd {
             Cmd::Locks(a) => locks::run(a).await,
             Cmd::Fence(c) => fence::run(c).await,
+            Cmd::Status(a) => status::run(a).await,
+            Cmd::Glocks(a) => status::glocks(a).await,
+            Cmd::Cluster(_) => Ok(()),
         }
     });
     match res {

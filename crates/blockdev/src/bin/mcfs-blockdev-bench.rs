@@ -22,13 +22,13 @@ struct Args {
     #[arg(long)]
     destroy_data: bool,
     /// Seconds per measurement (each side, each workload, each round).
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 2.0)]
     runtime: f64,
     /// Size of the loop device's sparse image, in MiB.
     #[arg(long, default_value_t = 1024)]
     size_mib: u64,
     /// Repeat each measurement, alternating which side goes first; report medians.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 3)]
     rounds: u32,
     /// Only the write workloads.
     #[arg(long)]
@@ -42,6 +42,9 @@ struct Args {
     /// Only these workloads (comma-separated fio names: randwrite,write,randread,read).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Skip the "fio again" control rows (fio against itself, the noise floor).
+    #[arg(long)]
+    no_control: bool,
     /// fio binary.
     #[arg(long, default_value = "fio")]
     fio: PathBuf,
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         fio: (!args.no_fio).then(|| args.fio.clone()),
         sync_threads: args.sync_threads,
         only: args.only.clone(),
+        control: !args.no_control,
     };
     let target = match &args.device {
         Some(d) => d.display().to_string(),

@@ -10,6 +10,10 @@
 //!   `wait()` blocks on. They take ownership of the buffer, so dropping a future
 //!   cannot free memory the kernel is writing: the request still completes and the
 //!   buffer is freed then. `read_async` / `write_async` / `flush_async` wrap them.
+//! * Callbacks: [`UringDevice::submit_write_with`] / [`UringDevice::submit_read_with`]
+//!   run a closure on the ring thread at completion; a closure that submits the next
+//!   request keeps a queue full with no thread hand-off at all (how the bench matches
+//!   fio, and how a streaming writer such as journal write-back can work).
 //! * Memory: a buffer whose address is aligned to [`UringDevice::mem_align`] goes to
 //!   the kernel as it is (zero-copy; [`AlignedBuf`] always is). Any other memory is
 //!   copied through a pooled bounce buffer. Offsets and lengths must be multiples of

@@ -234,11 +234,6 @@ pub(crate) struct Shared {
     counters: Counters,
     /// Set by the ring thread just before it blocks; whoever clears it owes a wake-up.
     sleeping: AtomicBool,
-    /// Requests in flight when the ring thread last went to sleep.
-    asleep_with: AtomicUsize,
-    /// Callers do not wake the thread while it sleeps with at least this many in
-    /// flight (0: always wake).
-    lazy_wake: usize,
     shutdown: AtomicBool,
     efd: OwnedFd,
 }
@@ -248,16 +243,6 @@ impl Shared {
         {
             let mut q = lock(&self.queue);
             q.extend(reqs);
-        }
-        // With many requests in flight the ring thread wakes for the next completion
-        // soon anyway and takes the queue then: skip the eventfd write and its extra
-        // wake-up. The in-flight count read here is the one the thread published before
-        // it set `sleeping`, and only the thread lowers it, so it will be woken.
-        if self.sleeping.load(Ordering::SeqCst)
-            && self.lazy_wake > 0
-            && self.asleep_with.load(Ordering::SeqCst) >= self.lazy_wake
-        {
-            return;
         }
         if self.sleeping.swap(false, Ordering::SeqCst) {
             self.kick();
@@ -333,8 +318,6 @@ pub(crate) fn spawn(
         queue: Mutex::new(Vec::new()),
         counters: Counters::default(),
         sleeping: AtomicBool::new(false),
-        asleep_with: AtomicUsize::new(0),
-        lazy_wake: std::env::var("MCFS_LAZY").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
         shutdown: AtomicBool::new(false),
         efd,
     });
@@ -503,9 +486,6 @@ impl RingThread {
                 break;
             }
 
-            self.shared
-                .asleep_with
-                .store(self.inflight, Ordering::SeqCst);
             self.shared.sleeping.store(true, Ordering::SeqCst);
             if !lock(&self.shared.queue).is_empty() {
                 self.shared.sleeping.store(false, Ordering::SeqCst);

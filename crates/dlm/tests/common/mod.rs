@@ -32,7 +32,19 @@ impl Server {
     }
 }
 
+/// Logs of the server and clients, shown for failing tests (RUST_LOG to tune).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("mcfs_dlm=debug")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 pub async fn server(cfg: ServerConfig, fence: FenceClient) -> Server {
+    init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let store = mcfs_dlm::store::Store::open(dir.path()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

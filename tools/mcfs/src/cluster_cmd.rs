@@ -1,0 +1,134 @@
+//! `mcfs cluster up|down|status|kill|start|stop`: a local cluster in one
+//! command (the logic is in the library's `cluster` module).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use mcfs_cli::cluster::{Cluster, ClusterOptions};
+
+#[derive(clap::Subcommand)]
+pub enum Cmd {
+    /// Create an image and loop device, format, start mcfs-fenced, mcfs-dlm and
+    /// one mcfs-node per node, mounted under DIR/mnt/nodeN.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        /// Image size (sparse), e.g. 2G.
+        #[arg(long, default_value = "2G")]
+        size: String,
+        #[arg(long, default_value = "./mcfs-cluster")]
+        dir: PathBuf,
+        /// Memory budget per node, e.g. 256M.
+        #[arg(long)]
+        cache_mem: Option<String>,
+        /// Eviction mode of the nodes: nonblocking (default) or sync.
+        #[arg(long)]
+        evict: Option<String>,
+        /// Journals to make (default nodes + 1).
+        #[arg(long)]
+        journals: Option<u32>,
+    },
+    /// Unmount, stop the daemons, detach the loop device (idempotent).
+    Down {
+        #[arg(long, default_value = "./mcfs-cluster")]
+        dir: PathBuf,
+    },
+    /// SIGKILL a node (a crash): the cluster fences it and replays its journal.
+    Kill {
+        node: u32,
+        #[arg(long, default_value = "./mcfs-cluster")]
+        dir: PathBuf,
+    },
+    /// Start a node again (after kill or stop).
+    Start {
+        node: u32,
+        #[arg(long, default_value = "./mcfs-cluster")]
+        dir: PathBuf,
+    },
+    /// Cleanly unmount one node.
+    Stop {
+        node: u32,
+        #[arg(long, default_value = "./mcfs-cluster")]
+        dir: PathBuf,
+    },
+}
+
+fn bin_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find the mcfs binary's directory")?;
+    Ok(exe.parent().context("mcfs binary has no directory")?.to_path_buf())
+}
+
+pub fn run(c: Cmd) -> Result<()> {
+    match c {
+        Cmd::Up { nodes, size, dir, cache_mem, evict, journals } => {
+            let mut o = ClusterOptions::new(&dir, nodes, bin_dir()?);
+            o.size = mcfs_node::config::parse_size(&size).map_err(anyhow::Error::msg)?;
+            o.journals = journals;
+            o.verbose = true;
+            if let Some(m) = cache_mem {
+                o.node_args.extend(["--cache-mem".into(), m]);
+            }
+            if let Some(e) = evict {
+                o.node_args.extend(["--evict".into(), e]);
+            }
+            println!("starting an mcfs cluster of {nodes} nodes in {}", dir.display());
+            let c = Cluster::up(&o)?;
+            print_summary(&c);
+            Ok(())
+        }
+        Cmd::Down { dir } => {
+            match Cluster::open(&dir) {
+                Ok(c) => {
+                    c.down()?;
+                    println!("mcfs cluster in {} is down", c.f.dir.display());
+                }
+                Err(_) => println!("no cluster in {} (nothing to do)", dir.display()),
+            }
+            Ok(())
+        }
+        Cmd::Kill { node, dir } => {
+            let c = Cluster::open(&dir)?;
+            let pid = c.kill(node)?;
+            println!("node {node} (pid {pid}) killed; watch its recovery with `mcfs status`");
+            Ok(())
+        }
+        Cmd::Start { node, dir } => {
+            let c = Cluster::open(&dir)?;
+            c.start(node)?;
+            println!("node {node} mounted on {}", c.mountpoint(node).display());
+            Ok(())
+        }
+        Cmd::Stop { node, dir } => {
+            let c = Cluster::open(&dir)?;
+            c.stop(node)?;
+            println!("node {node} unmounted");
+            Ok(())
+        }
+    }
+}
+
+fn print_summary(c: &Cluster) {
+    let f = &c.f;
+    let d = f.dir.display();
+    println!();
+    println!("mcfs cluster is up: {} nodes, lockspace {}", f.nodes, f.lockspace);
+    for n in 1..=f.nodes {
+        println!("  node {n}: {}   (log {})", c.mountpoint(n).display(), c.log(&format!("node{n}")).display());
+    }
+    println!("  device:       {} (sparse image {}, direct I/O)", c.device().display(), f.image.display());
+    if let (Some(dlm), Some(fence)) = (&f.dlm_addr, &f.fence_addr) {
+        println!("  lock server:  mcfs-dlm on {dlm}   (log {})", c.log("dlm").display());
+        println!("  fencing:      mcfs-fenced on {fence}   (log {})", c.log("fenced").display());
+    }
+    println!("  configs:      {d}/cluster.toml, {d}/node1.toml ..., {d}/fence.toml, secret {d}/secret");
+    println!();
+    println!("try:");
+    println!("  echo hello > {}/hello && cat {}/hello", c.mountpoint(1).display(), c.mountpoint(f.nodes).display());
+    println!("  mcfs status --cluster-dir {d}");
+    if f.nodes > 1 {
+        println!("  mcfs cluster kill 2 --dir {d}    (then watch fencing and replay in mcfs status)");
+        println!("  mcfs cluster start 2 --dir {d}");
+    }
+    println!("stop with:");
+    println!("  mcfs cluster down --dir {d}");
+}
