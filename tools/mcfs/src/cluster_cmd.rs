@@ -53,9 +53,30 @@ pub enum Cmd {
     },
 }
 
+/// The directory of the daemons: next to this binary. When this binary runs
+/// from this workspace's target directory (`cargo run --bin mcfs -- cluster up`),
+/// build the daemons first so the cluster never runs stale ones.
 fn bin_dir() -> Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot find the mcfs binary's directory")?;
-    Ok(exe.parent().context("mcfs binary has no directory")?.to_path_buf())
+    let dir = exe.parent().context("mcfs binary has no directory")?.to_path_buf();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let target = root.join("target");
+    let in_workspace = std::fs::canonicalize(&target).ok().is_some_and(|t| dir.starts_with(&t));
+    if in_workspace {
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args(["build", "--workspace", "--bins", "--quiet"]).current_dir(&root);
+        if release {
+            cmd.arg("--release");
+        }
+        println!("building the daemons ({} profile)...", if release { "release" } else { "debug" });
+        let st = cmd.status().context("running cargo build")?;
+        if !st.success() {
+            anyhow::bail!("building the daemons failed");
+        }
+    }
+    Ok(dir)
 }
 
 pub fn run(c: Cmd) -> Result<()> {
