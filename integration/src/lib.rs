@@ -215,7 +215,9 @@ pub fn secret_file(dir: &Path) -> Result<PathBuf> {
     Ok(p)
 }
 
+pub mod dlmd;
 pub mod fence;
+pub mod workload;
 
 /// A local cluster for a test: `mcfs_cli::cluster` (the code behind `mcfs
 /// cluster up`) in a private temp dir, torn down on drop even when the test fails.
@@ -259,7 +261,21 @@ impl Drop for TestCluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.dump_logs();
+            if std::env::var_os("MCFS_KEEP_FAILED").is_some() {
+                // debugging: leave the cluster running for inspection
+                eprintln!("MCFS_KEEP_FAILED: cluster left running in {}", self.c.f.dir.display());
+                let d = tempfile::TempDir::into_path(std::mem::replace(&mut self.dir, tempdir()));
+                let _ = d;
+                return;
+            }
         }
         let _ = self.c.down();
     }
+}
+
+/// Run `fsck-mcfs` (read-only) on a device; returns (exit code, output).
+pub fn fsck(device: &Path) -> (i32, String) {
+    let out = Command::new(bin("fsck-mcfs")).arg("-n").arg(device).output().expect("run fsck-mcfs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
 }

@@ -197,6 +197,9 @@ pub fn run(device: Option<&Path>, opts: &BenchOpts) -> Result<Vec<Row>, Error> {
                 }
             }
             for (i, mode) in modes.iter().enumerate() {
+                // fio flushes the device before each job (`invalidate=1` does BLKFLSBUF),
+                // outside its timed window; do the same so both start from a clean device.
+                dev.flush()?;
                 let m = match mode {
                     Mode::Callbacks => run_ours_callbacks(&dev, &w, opts.runtime)?,
                     Mode::Futures => run_ours_futures(&dev, &w, opts.runtime)?,

@@ -83,6 +83,14 @@ pub enum Error {
     #[error("{path} is neither a block device nor a regular file")]
     NotADevice { path: PathBuf },
 
+    /// A blocking call made on the ring thread (from a completion callback): it would
+    /// wait for the thread that is making it. Nothing was submitted.
+    #[error(
+        "blocking {op} called from a completion callback on the ring thread; use the \
+         submit_* methods there"
+    )]
+    OnRingThread { op: IoOp },
+
     /// Bad options (queue depth out of range, sector size not a power of two ...).
     #[error("invalid option: {0}")]
     InvalidOption(String),
@@ -111,6 +119,7 @@ impl Error {
                 source.raw_os_error().unwrap_or(libc::EIO)
             }
             Error::ReadOnly { .. } => libc::EROFS,
+            Error::OnRingThread { .. } => libc::EDEADLK,
             Error::NotADevice { .. } => libc::ENOTBLK,
             Error::Bench(_) => libc::EIO,
         }

@@ -10,7 +10,7 @@
 //! * [`RecordingDevice`] (`recording.rs`) — in memory, keeps the durable image apart from
 //!   written-but-unflushed writes, and builds the image a crash would leave at any flush.
 //! * [`FileDevice`] (`file.rs`) — plain buffered pread/pwrite, for tools on images.
-//! * [`bench`] — this crate against fio on the same loop device.
+//! * [`bench`](mod@bench) — this crate against fio on the same loop device.
 //!
 //! Every device applies the same request checks (`error.rs`), so a unit test on a
 //! `MemDevice` rejects exactly what the real device would.

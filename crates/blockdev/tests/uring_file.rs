@@ -516,3 +516,20 @@ fn last_device_handle_dropped_inside_a_callback() {
     dev.read_at(0, &mut b).unwrap();
     assert_eq!(&b[..], &pattern(9, 4096)[..]);
 }
+
+#[test]
+fn blocking_calls_from_a_callback_are_refused_not_deadlocked() {
+    let (_d, _p, dev) = file_dev(1 << 20, OpenOptions::default());
+    let dev = Arc::new(dev);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let d2 = dev.clone();
+    dev.submit_write_with(0, AlignedBuf::new(4096), move |res, _| {
+        res.unwrap();
+        let w = d2.write_at(4096, &[0u8; 4096]);
+        let f = d2.flush();
+        let _ = tx.send((w.map_err(|e| e.errno()), f.map_err(|e| e.errno())));
+    });
+    let (w, f) = rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap();
+    assert_eq!(w, Err(libc::EDEADLK));
+    assert_eq!(f, Err(libc::EDEADLK));
+}

@@ -5,7 +5,12 @@
 //!   the replies of pipelined requests),
 //! * the Ops stream, on which lock/convert/unlock/cancel are pipelined (many
 //!   requests in flight, no round trip per request),
-//! * heartbeats that keep the session's lease alive,
+//! * heartbeats that keep the session's lease alive and tell the server how
+//!   many events this client took off its stream (a server evicts sessions
+//!   that do not read their events). Each heartbeat has a deadline (the lease):
+//!   a lock server that hangs is reported in the log and by
+//!   [`DlmClient::server_silent_for`], and the session is kept (the server
+//!   extends leases after it stalled itself),
 //! * reconnection: when the stream breaks (the lock server restarted), it
 //!   rejoins with a reclaim list of every granted lock. Lock ids stay valid:
 //!   the server re-creates reclaimed locks under the same ids. Requests that
@@ -135,6 +140,9 @@ struct Inner {
     st: Mutex<State>,
     events: mpsc::UnboundedSender<ClientEvent>,
     stop: Notify,
+    /// When the lock server last answered a heartbeat (or the session
+    /// began), and the heartbeat period it asked for.
+    last_answer: Mutex<(std::time::Instant, Duration)>,
 }
 
 /// Dropped with the last user handle: stops the driver.
@@ -340,6 +348,7 @@ impl DlmClient {
             }),
             events: etx,
             stop: Notify::new(),
+            last_answer: Mutex::new((std::time::Instant::now(), Duration::from_secs(1))),
         });
         let conn = match establish(&inner).await {
             Ok(c) => c,
@@ -422,6 +431,25 @@ impl DlmClient {
             .await?;
         self.inner.lock().journal = Some((journal, admin_addr.to_string()));
         Ok(())
+    }
+
+    /// The server-wide counters (`mcfs_dlm_*` metrics).
+    pub async fn stats(&self) -> Result<pb::StatsReply> {
+        Ok(self.inner.rpc().stats(pb::StatsRequest {}).await?.into_inner())
+    }
+
+    /// How long the lock server has not answered this session's heartbeats
+    /// (zero while it answers). Over the lease, the server may have declared
+    /// this node failed, or may itself be hung.
+    pub fn server_silent_for(&self) -> Duration {
+        let (last, hb) = *self.inner.last_answer.lock().unwrap_or_else(|p| p.into_inner());
+        let since = last.elapsed();
+        // One heartbeat period late is normal scheduling.
+        if since <= hb * 2 {
+            Duration::ZERO
+        } else {
+            since
+        }
     }
 
     /// The server's state (this lockspace only); with `locks`, every resource's queues.
@@ -573,7 +601,15 @@ async fn establish(inner: &Arc<Inner>) -> std::result::Result<Conn, JoinError> {
     for r in reply.recoveries {
         let _ = inner.events.send(ClientEvent::Recovery(recovery(&r)));
     }
-    Ok(Conn { session_id: sid, heartbeat: Duration::from_millis(reply.heartbeat_ms.max(10).into()), events, ops_task })
+    let heartbeat = Duration::from_millis(reply.heartbeat_ms.max(10).into());
+    *inner.last_answer.lock().unwrap_or_else(|p| p.into_inner()) = (std::time::Instant::now(), heartbeat);
+    Ok(Conn {
+        session_id: sid,
+        heartbeat,
+        lease: Duration::from_millis(reply.lease_ms.max(20).into()),
+        events,
+        ops_task,
+    })
 }
 
 /// After a rejoin: requests the old server never finished are sent again.
@@ -611,6 +647,7 @@ fn resend(st: &mut State, tx: &mpsc::UnboundedSender<pb::OpRequest>) {
 struct Conn {
     session_id: u64,
     heartbeat: Duration,
+    lease: Duration,
     events: tonic::Streaming<pb::Event>,
     ops_task: tokio::task::JoinHandle<std::result::Result<(), tonic::Status>>,
 }
@@ -672,18 +709,39 @@ async fn drive_forever(inner: Arc<Inner>, mut conn: Conn) {
 async fn drive(inner: &Arc<Inner>, mut conn: Conn) -> End {
     let (hb_tx, mut hb_rx) = oneshot::channel::<String>();
     let hb_inner = inner.clone();
-    let (sid, every) = (conn.session_id, conn.heartbeat);
+    let (sid, every, lease) = (conn.session_id, conn.heartbeat, conn.lease);
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let hb_received = received.clone();
     let hb = tokio::spawn(async move {
         let mut rpc = hb_inner.rpc();
+        let mut silent = false;
         loop {
             tokio::time::sleep(every).await;
-            match rpc.heartbeat(pb::HeartbeatRequest { session_id: sid }).await {
-                Ok(_) => {}
-                Err(s) if s.code() == tonic::Code::NotFound => {
+            let n = hb_received.load(std::sync::atomic::Ordering::Acquire);
+            let call = rpc.heartbeat(pb::HeartbeatRequest { session_id: sid, events_received: n });
+            match tokio::time::timeout(lease, call).await {
+                Ok(Ok(_)) => {
+                    hb_inner.last_answer.lock().unwrap_or_else(|p| p.into_inner()).0 = std::time::Instant::now();
+                    if silent {
+                        tracing::info!(node = hb_inner.cfg.node_id, "the lock server answers heartbeats again");
+                        silent = false;
+                    }
+                }
+                Ok(Err(s)) if s.code() == tonic::Code::NotFound => {
                     let _ = hb_tx.send(format!("heartbeat: {}", s.message()));
                     return;
                 }
-                Err(s) => tracing::debug!("heartbeat failed: {}", s.message()),
+                Ok(Err(s)) => tracing::debug!("heartbeat failed: {}", s.message()),
+                Err(_) => {
+                    if !silent {
+                        tracing::warn!(
+                            node = hb_inner.cfg.node_id,
+                            "the lock server did not answer a heartbeat within the lease ({} ms); still trying",
+                            lease.as_millis()
+                        );
+                        silent = true;
+                    }
+                }
             }
         }
     });
@@ -696,6 +754,7 @@ async fn drive(inner: &Arc<Inner>, mut conn: Conn) -> End {
         tokio::select! {
             m = conn.events.message() => match m {
                 Ok(Some(ev)) => {
+                    received.fetch_add(1, std::sync::atomic::Ordering::Release);
                     if let Some(pb::event::Kind::Closed(c)) = &ev.kind {
                         closed = Some(c.reason.clone());
                     }

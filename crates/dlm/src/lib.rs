@@ -10,6 +10,9 @@
 //! * [`fence_client`]: asks mcfs-fenced to fence failed nodes.
 //! * [`client`]: the library node daemons use (`DlmClient`).
 //! * [`bench`]: the benchmark behind `mcfs-dlm bench`.
+//! * [`metrics`]: the server's counters (Prometheus `GET /metrics`, `Stats`).
+//! * [`net`]: what sits between a port and a service in every mcfs daemon:
+//!   the guarded accept loop, the metrics exposition and its HTTP responder.
 //! * [`config`], [`error`]: settings and the crate's one error type.
 
 pub mod bench;
@@ -18,6 +21,8 @@ pub mod config;
 pub mod core;
 pub mod error;
 pub mod fence_client;
+pub mod metrics;
+pub mod net;
 pub mod service;
 pub mod store;
 

@@ -1,7 +1,7 @@
 //! `mcfs-dlm`: the lock server. `mcfs-dlm bench` runs the benchmark.
 
 use clap::{Parser, Subcommand};
-use mcfs_dlm::config::{FileConfig, ServerConfig};
+use mcfs_dlm::config::{ServerConfig, Settings};
 use mcfs_dlm::fence_client::FenceClient;
 use mcfs_dlm::{Error, Result};
 use mcfs_proto::auth::Secret;
@@ -19,40 +19,11 @@ struct Cli {
 
 #[derive(clap::Args, Default)]
 struct ServeArgs {
-    /// Address to listen on (host:port; port 0 picks one).
-    #[arg(long)]
-    listen: Option<String>,
-    /// Directory of the sled database.
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// File holding the cluster secret.
-    #[arg(long)]
-    secret_file: Option<PathBuf>,
-    /// Address of mcfs-fenced.
-    #[arg(long, conflicts_with = "no_fencing")]
-    fence: Option<String>,
-    /// Treat every fence as done at once. UNSAFE: single-host demos only.
-    #[arg(long)]
-    no_fencing: bool,
-    /// Write the bound address (host:port) here once listening.
-    #[arg(long)]
-    addr_file: Option<PathBuf>,
-    /// TOML file with any of these settings (flags win).
+    #[command(flatten)]
+    settings: Settings,
+    /// TOML file with any of these settings (same names with `_`; flags win).
     #[arg(long)]
     config: Option<PathBuf>,
-    #[arg(long)]
-    heartbeat_ms: Option<u32>,
-    #[arg(long)]
-    lease_ms: Option<u32>,
-    /// Grace window after a restart for members to reclaim their locks.
-    #[arg(long)]
-    grace_ms: Option<u32>,
-    #[arg(long)]
-    max_sessions: Option<usize>,
-    #[arg(long)]
-    max_locks_per_node: Option<usize>,
-    #[arg(long)]
-    max_pending_per_node: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -127,39 +98,21 @@ async fn bench(addr: Option<String>, secret_file: Option<PathBuf>, seconds: f64,
 
 async fn serve(a: ServeArgs) -> Result<()> {
     let file = match &a.config {
-        Some(p) => FileConfig::load(p)?,
-        None => FileConfig::default(),
+        Some(p) => Settings::load(p)?,
+        None => Settings::default(),
     };
+    let set = file.overlaid(&a.settings);
     let mut cfg = ServerConfig::default();
-    file.apply(&mut cfg);
-    if let Some(v) = a.heartbeat_ms {
-        cfg.heartbeat_ms = v;
-    }
-    if let Some(v) = a.lease_ms {
-        cfg.lease_ms = v;
-    }
-    if let Some(v) = a.grace_ms {
-        cfg.grace_ms = v;
-    }
-    if let Some(v) = a.max_sessions {
-        cfg.max_sessions = v;
-    }
-    if let Some(v) = a.max_locks_per_node {
-        cfg.limits.max_locks_per_node = v;
-    }
-    if let Some(v) = a.max_pending_per_node {
-        cfg.limits.max_pending_per_node = v;
-    }
+    set.apply(&mut cfg);
     cfg.validate()?;
-    let listen = a.listen.or(file.listen).ok_or_else(|| Error::Config("--listen ADDR is required".into()))?;
-    let data_dir = a.data_dir.or(file.data_dir).ok_or_else(|| Error::Config("--data-dir DIR is required".into()))?;
+    let listen = set.listen.clone().ok_or_else(|| Error::Config("--listen ADDR is required".into()))?;
+    let data_dir = set.data_dir.clone().ok_or_else(|| Error::Config("--data-dir DIR is required".into()))?;
     let secret_file =
-        a.secret_file.or(file.secret_file).ok_or_else(|| Error::Config("--secret-file FILE is required".into()))?;
+        set.secret_file.clone().ok_or_else(|| Error::Config("--secret-file FILE is required".into()))?;
     let secret = Secret::from_file(&secret_file).map_err(Error::Config)?;
-    let no_fencing = a.no_fencing || file.no_fencing.unwrap_or(false);
-    let fence = match (a.fence.or(file.fence), no_fencing) {
+    let fence = match (set.fence.clone(), set.no_fencing) {
         (Some(_), true) => return Err(Error::Config("--fence and --no-fencing are exclusive".into())),
-        (Some(addr), false) => FenceClient::agent(&addr, secret.clone())?,
+        (Some(addr), false) => FenceClient::agent_with(&addr, secret.clone(), cfg.fence.clone())?,
         (None, true) => {
             tracing::warn!("*** FENCING IS DISABLED (--no-fencing): a failed node is assumed dead at once. ***");
             tracing::warn!("*** This is only safe when every node is a process on this host that is really gone. ***");
@@ -172,20 +125,32 @@ async fn serve(a: ServeArgs) -> Result<()> {
             ))
         }
     };
-    let addr_file = a.addr_file.or(file.addr_file);
     let store = mcfs_dlm::store::Store::open(&data_dir)?;
     let listener =
         tokio::net::TcpListener::bind(&listen).await.map_err(|e| Error::Config(format!("cannot listen on {listen}: {e}")))?;
+    let metrics = match &set.metrics {
+        Some(m) => Some(
+            tokio::net::TcpListener::bind(m)
+                .await
+                .map_err(|e| Error::Config(format!("cannot serve metrics on {m}: {e}")))?,
+        ),
+        None => None,
+    };
     let h = mcfs_dlm::service::start(cfg.clone(), store, secret, fence.clone(), listener).await?;
     tracing::info!(
         addr = %h.addr, epoch = h.shared.epoch, data_dir = %data_dir.display(), fencing = %fence.describe(),
         heartbeat_ms = cfg.heartbeat_ms, lease_ms = cfg.lease_ms, grace_ms = cfg.grace_ms, "mcfs-dlm listening"
     );
-    if let Some(p) = addr_file {
-        let tmp = p.with_extension("tmp");
-        std::fs::write(&tmp, format!("{}\n", h.addr))
-            .and_then(|_| std::fs::rename(&tmp, &p))
-            .map_err(|e| Error::Config(format!("cannot write {}: {e}", p.display())))?;
+    if let Some(l) = metrics {
+        let at = l.local_addr().map_err(|e| Error::Config(format!("metrics listener: {e}")))?;
+        tokio::spawn(mcfs_dlm::service::serve_metrics(h.shared.clone(), l));
+        tracing::info!(addr = %at, "serving Prometheus metrics on http://{at}/metrics");
+        if let Some(p) = &set.metrics_addr_file {
+            write_addr(p, &at.to_string())?;
+        }
+    }
+    if let Some(p) = &set.addr_file {
+        write_addr(p, &h.addr.to_string())?;
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::Internal(format!("signal handler: {e}")))?;
@@ -196,4 +161,12 @@ async fn serve(a: ServeArgs) -> Result<()> {
     }
     tracing::info!("mcfs-dlm stopping");
     Ok(())
+}
+
+/// Written whole through a rename, so a reader never sees half an address.
+fn write_addr(p: &std::path::Path, addr: &str) -> Result<()> {
+    let tmp = p.with_extension("tmp");
+    std::fs::write(&tmp, format!("{addr}\n"))
+        .and_then(|_| std::fs::rename(&tmp, p))
+        .map_err(|e| Error::Config(format!("cannot write {}: {e}", p.display())))
 }

@@ -337,7 +337,7 @@ async fn lease_expiry_with_a_paused_clock() {
     };
     for second in 1..=5 {
         tokio::time::advance(Duration::from_millis(1000)).await;
-        svc.heartbeat(Request::new(pb::HeartbeatRequest { session_id: s2 })).await.unwrap();
+        svc.heartbeat(Request::new(pb::HeartbeatRequest { session_id: s2, ..Default::default() })).await.unwrap();
         // Let the reaper run at this instant.
         for _ in 0..10 {
             tokio::task::yield_now().await;
@@ -348,7 +348,7 @@ async fn lease_expiry_with_a_paused_clock() {
     }
     assert_ne!(state(1).as_deref(), Some("active"), "node 1 failed after its lease");
     assert_eq!(state(2).as_deref(), Some("active"), "node 2 kept its lease alive");
-    let err = svc.heartbeat(Request::new(pb::HeartbeatRequest { session_id: s1 })).await.unwrap_err();
+    let err = svc.heartbeat(Request::new(pb::HeartbeatRequest { session_id: s1, ..Default::default() })).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
 

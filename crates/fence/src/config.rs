@@ -24,6 +24,15 @@
 //!   [[node.level]]
 //!   method = "manual"                     # wait for `mcfs fence ack 1`
 //!   timeout_ms = 0                        # 0 (default): wait as long as it takes
+//!
+//! [server]                   # optional: daemon bounds, same names as the flags
+//! metrics = "127.0.0.1:9101"               # serve GET /metrics here
+//! max_connections = 256
+//! handshake_timeout_ms = 5000
+//! max_streams_per_connection = 64
+//! max_message_bytes = 65536
+//! request_timeout_ms = 30000
+//! max_pending_ops_per_node = 16
 //! ```
 //!
 //! Everything that can be checked before a failure is checked at load time: TOML
@@ -46,6 +55,95 @@ const DEFAULT_AGENT_TIMEOUT_MS: u64 = 60_000;
 pub struct Config {
     pub path: PathBuf,
     pub nodes: BTreeMap<u32, NodeConfig>,
+    /// The `[server]` table (flags are laid over it by the daemon).
+    pub server: ServerSettings,
+}
+
+/// Bounds of the daemon, for bad peers: the `[server]` table of the file, and
+/// flags of the same names (flags win). Each getter gives the default.
+#[derive(clap::Args, Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Serve Prometheus metrics (GET /metrics) on this address (host:port).
+    #[arg(long)]
+    pub metrics: Option<String>,
+    /// Write the bound metrics address (host:port) here once listening.
+    #[arg(long)]
+    pub metrics_addr_file: Option<PathBuf>,
+    /// Open TCP connections [256].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// A connection must send the HTTP/2 preface within this time [5000].
+    #[arg(long)]
+    pub handshake_timeout_ms: Option<u64>,
+    /// Concurrent calls (HTTP/2 streams) per connection [64].
+    #[arg(long)]
+    pub max_streams_per_connection: Option<u32>,
+    /// Largest request message in bytes [65536].
+    #[arg(long)]
+    pub max_message_bytes: Option<usize>,
+    /// Deadline of a call, from its headers to its reply [30000].
+    #[arg(long)]
+    pub request_timeout_ms: Option<u64>,
+    /// Operations (running or queued) per node; a new request id beyond
+    /// this is refused with RESOURCE_EXHAUSTED [16].
+    #[arg(long)]
+    pub max_pending_ops_per_node: Option<usize>,
+}
+
+impl ServerSettings {
+    /// `self` with every setting `flags` gives replaced.
+    pub fn overlaid(&self, flags: &ServerSettings) -> ServerSettings {
+        let mut s = self.clone();
+        macro_rules! over {
+            ($($f:ident),*) => { $( if flags.$f.is_some() { s.$f = flags.$f.clone(); } )* };
+        }
+        over!(
+            metrics,
+            metrics_addr_file,
+            max_connections,
+            handshake_timeout_ms,
+            max_streams_per_connection,
+            max_message_bytes,
+            request_timeout_ms,
+            max_pending_ops_per_node
+        );
+        s
+    }
+    pub fn max_connections(&self) -> usize {
+        self.max_connections.unwrap_or(256)
+    }
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms.unwrap_or(5000))
+    }
+    pub fn max_streams_per_connection(&self) -> u32 {
+        self.max_streams_per_connection.unwrap_or(64)
+    }
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes.unwrap_or(64 << 10)
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms.unwrap_or(30_000))
+    }
+    pub fn max_pending_ops_per_node(&self) -> usize {
+        self.max_pending_ops_per_node.unwrap_or(16)
+    }
+
+    /// Zero bounds would refuse everything: an error at start-up.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let checks = [
+            ("max_connections", self.max_connections() as u64),
+            ("handshake_timeout_ms", self.handshake_timeout().as_millis() as u64),
+            ("max_streams_per_connection", u64::from(self.max_streams_per_connection())),
+            ("max_message_bytes", self.max_message_bytes() as u64),
+            ("request_timeout_ms", self.request_timeout().as_millis() as u64),
+            ("max_pending_ops_per_node", self.max_pending_ops_per_node() as u64),
+        ];
+        match checks.iter().find(|(_, v)| *v == 0) {
+            Some((k, _)) => Err(format!("[server] {k} must be positive")),
+            None => Ok(()),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -200,9 +298,13 @@ impl Config {
             }
             nodes.insert(id, NodeConfig { id, name, levels });
         }
+        raw.server
+            .validate()
+            .map_err(|m| FenceError::config(&where_, m))?;
         Ok(Config {
             path: path.to_path_buf(),
             nodes,
+            server: raw.server,
         })
     }
 
@@ -255,6 +357,8 @@ impl Config {
 struct RawConfig {
     #[serde(default)]
     node: Vec<RawNode>,
+    #[serde(default)]
+    server: ServerSettings,
 }
 
 #[derive(Deserialize)]
@@ -539,6 +643,21 @@ method = "manual"
             Level::Manual(ManualLevel { timeout: None })
         ));
         assert!(c.warnings().iter().any(|w| w.contains("without devices")));
+    }
+
+    #[test]
+    fn server_table_sets_bounds_and_flags_win() {
+        let c = parse("[server]\nmax_connections = 9\nrequest_timeout_ms = 100\n[[node]]\nid = 1\n[[node.level]]\nmethod = \"manual\"\n").unwrap();
+        assert_eq!(c.server.max_connections(), 9);
+        assert_eq!(c.server.max_pending_ops_per_node(), 16, "default");
+        let flags = ServerSettings {
+            max_connections: Some(3),
+            ..Default::default()
+        };
+        let s = c.server.overlaid(&flags);
+        assert_eq!((s.max_connections(), s.request_timeout()), (3, Duration::from_millis(100)));
+        assert!(err("[server]\nmax_connections = 0\n[[node]]\nid = 1\n[[node.level]]\nmethod = \"manual\"\n").contains("must be positive"));
+        assert!(err("[server]\nmax_conections = 1\n").contains("max_conections"));
     }
 
     #[test]

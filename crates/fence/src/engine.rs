@@ -4,6 +4,7 @@
 
 use crate::config::{Config, Level, NodeConfig};
 use crate::error::{FenceError, Result};
+use crate::metrics::FenceMetrics;
 use crate::store::{
     now_ms, AttemptRecord, Kind, NodeRecord, OpRecord, Outcome, RefusedRecord, Store,
 };
@@ -70,7 +71,15 @@ struct Inner {
     slots: HashMap<u32, Arc<Slot>>,
     /// Woken whenever an operation finishes.
     changed: Notify,
+    metrics: Arc<FenceMetrics>,
+    /// Wakes the background flusher (records of refused calls).
+    flush: Arc<Notify>,
 }
+
+/// Longest `reason` of a FenceRequest and `operator` of an AckRequest kept.
+pub const MAX_TEXT: usize = 1024;
+/// Most records one History call returns.
+pub const MAX_HISTORY: usize = 10_000;
 
 #[derive(Clone)]
 pub struct Engine {
@@ -93,6 +102,16 @@ fn check_request_id(id: &str) -> Result<()> {
         return Err(FenceError::InvalidRequest(
             "request_id must be at most 256 printable characters".into(),
         ));
+    }
+    Ok(())
+}
+
+fn check_text(what: &str, s: &str) -> Result<()> {
+    if s.len() > MAX_TEXT {
+        return Err(FenceError::InvalidRequest(format!(
+            "{what} is {} bytes; the limit is {MAX_TEXT}",
+            s.len()
+        )));
     }
     Ok(())
 }
@@ -123,10 +142,42 @@ impl Engine {
                 store,
                 slots,
                 changed: Notify::new(),
+                metrics: Arc::new(FenceMetrics::default()),
+                flush: Arc::new(Notify::new()),
             }),
         };
         engine.resume().await?;
+        tokio::spawn(flusher(
+            Arc::downgrade(&engine.inner),
+            engine.inner.flush.clone(),
+        ));
         Ok(engine)
+    }
+
+    pub fn metrics(&self) -> &Arc<FenceMetrics> {
+        &self.inner.metrics
+    }
+
+    /// The Prometheus exposition (counters plus gauges read now).
+    pub fn render_metrics(&self) -> String {
+        let mut fenced = 0;
+        let mut awaiting = 0;
+        let mut in_progress = 0;
+        for (id, slot) in &self.inner.slots {
+            if self.inner.store.node(*id).is_ok_and(|n| n.fenced) {
+                fenced += 1;
+            }
+            let st = lock(&slot.st);
+            awaiting += usize::from(st.awaiting_ack);
+            in_progress += st.ops_in_flight as usize;
+        }
+        self.inner
+            .metrics
+            .in_progress
+            .store(in_progress as u64, std::sync::atomic::Ordering::Relaxed);
+        self.inner
+            .metrics
+            .render(self.inner.slots.len(), fenced, awaiting)
     }
 
     pub fn config(&self) -> &Config {
@@ -165,7 +216,7 @@ impl Engine {
             });
             store.put_op(&rec)?;
             tracing::warn!(request_id = %rec.request_id, node = rec.node_id, kind = rec.kind.as_str(), "resuming an operation interrupted by a restart");
-            self.spawn(rec);
+            self.spawn(rec, false);
         }
         store.flush().await
     }
@@ -184,6 +235,7 @@ impl Engine {
     /// has this request id (PENDING while it runs).
     pub async fn fence(&self, a: FenceArgs) -> Result<OpRecord> {
         check_request_id(&a.request_id)?;
+        check_text("reason", &a.reason)?;
         self.inner.cfg.node(a.node_id)?;
         self.begin(
             Kind::Fence,
@@ -201,7 +253,11 @@ impl Engine {
         check_request_id(request_id)?;
         self.inner.cfg.node(node_id)?;
         if let Some(prev) = self.inner.store.op(request_id)? {
-            return same_op(prev, Kind::Unfence, node_id);
+            let r = same_op(prev, Kind::Unfence, node_id);
+            if r.is_ok() {
+                self.inner.metrics.duplicate(Kind::Unfence);
+            }
+            return r;
         }
         if !self.inner.store.node(node_id)?.fenced {
             return Err(FenceError::NotFenced(node_id));
@@ -226,8 +282,17 @@ impl Engine {
     ) -> Result<OpRecord> {
         let store = &self.inner.store;
         if let Some(prev) = store.op(&request_id)? {
-            return same_op(prev, kind, node_id);
+            let r = same_op(prev, kind, node_id);
+            if r.is_ok() {
+                self.inner.metrics.duplicate(kind);
+            }
+            return r;
         }
+        // The queue check and the insert happen under the node's state lock, so
+        // a caller inventing request ids cannot pile up operations without
+        // bound, and concurrent retries of one id all find its record.
+        let slot = self.slot(node_id)?.clone();
+        let limit = self.inner.cfg.server.max_pending_ops_per_node();
         let rec = OpRecord {
             seq: store.next_seq()?,
             request_id,
@@ -243,8 +308,31 @@ impl Engine {
             message: "running".into(),
             attempts: vec![],
         };
-        if let Err(prev) = store.insert_op(&rec)? {
-            return same_op(prev, kind, node_id);
+        {
+            let mut st = lock(&slot.st);
+            let existing = match store.op(&rec.request_id)? {
+                Some(prev) => Some(prev),
+                None if st.ops_in_flight as usize >= limit => {
+                    return Err(FenceError::TooBusy {
+                        node: node_id,
+                        pending: st.ops_in_flight as usize,
+                        limit,
+                    })
+                }
+                None => store.insert_op(&rec)?.err(),
+            };
+            if let Some(prev) = existing {
+                drop(st);
+                let r = same_op(prev, kind, node_id);
+                if r.is_ok() {
+                    self.inner.metrics.duplicate(kind);
+                }
+                return r;
+            }
+            st.ops_in_flight += 1;
+            if kind == Kind::Fence {
+                st.fences_in_flight += 1;
+            }
         }
         self.update_node(node_id, |n| {
             n.last_request_id = rec.request_id.clone();
@@ -252,7 +340,7 @@ impl Engine {
         })?;
         store.flush().await?;
         tracing::info!(request_id = %rec.request_id, node = node_id, kind = kind.as_str(), reason = %rec.reason, "operation accepted");
-        self.spawn(rec.clone());
+        self.spawn(rec.clone(), true);
         Ok(rec)
     }
 
@@ -264,11 +352,13 @@ impl Engine {
         self.inner.store.put_node(node_id, &n)
     }
 
-    fn spawn(&self, rec: OpRecord) {
+    /// Run `rec` once the node's earlier operations are done. `reserved`: its
+    /// place in the node's queue was already counted (see `begin`).
+    fn spawn(&self, rec: OpRecord, reserved: bool) {
         let Ok(slot) = self.slot(rec.node_id).cloned() else {
             return;
         };
-        {
+        if !reserved {
             let mut st = lock(&slot.st);
             st.ops_in_flight += 1;
             if rec.kind == Kind::Fence {
@@ -309,6 +399,8 @@ impl Engine {
         };
         rec.finished_ms = now_ms();
         self.finish(&mut rec, won)?;
+        let took = Duration::from_millis(rec.finished_ms.saturating_sub(rec.requested_ms));
+        self.inner.metrics.operation(rec.kind, rec.outcome, took);
         self.inner.store.flush().await
     }
 
@@ -386,11 +478,17 @@ impl Engine {
             } else {
                 tracing::warn!(request_id = %rec.request_id, node = node.id, level = n, %method, "fence attempt failed: {message}");
             }
+            let finished = now_ms();
+            self.inner.metrics.attempt(
+                &method,
+                ok,
+                Duration::from_millis(finished.saturating_sub(started)),
+            );
             rec.attempts.push(AttemptRecord {
                 level: n,
                 method: method.clone(),
                 started_ms: started,
-                finished_ms: now_ms(),
+                finished_ms: finished,
                 ok,
                 message,
             });
@@ -432,11 +530,17 @@ impl Engine {
             let message = match res {
                 Ok(m) | Err(m) => m,
             };
+            let finished = now_ms();
+            self.inner.metrics.attempt(
+                &method,
+                ok,
+                Duration::from_millis(finished.saturating_sub(started)),
+            );
             rec.attempts.push(AttemptRecord {
                 level: n,
                 method: method.clone(),
                 started_ms: started,
-                finished_ms: now_ms(),
+                finished_ms: finished,
                 ok,
                 message: message.clone(),
             });
@@ -462,6 +566,7 @@ impl Engine {
     /// node is in progress and the node has a manual level; consumed by that level
     /// when the operation reaches it.
     pub fn ack(&self, node_id: u32, operator: &str) -> Result<AckResult> {
+        check_text("operator", operator)?;
         let node = self.inner.cfg.node(node_id)?;
         let slot = self.slot(node_id)?;
         if !node.levels.iter().any(|l| matches!(l, Level::Manual(_))) {
@@ -527,7 +632,7 @@ impl Engine {
 
     /// Operations, newest first; `node_id` 0 means every node; `limit` 0 means 100.
     pub fn history(&self, node_id: u32, limit: usize) -> Result<Vec<OpRecord>> {
-        let limit = if limit == 0 { 100 } else { limit };
+        let limit = if limit == 0 { 100 } else { limit.min(MAX_HISTORY) };
         let mut v: Vec<OpRecord> = self
             .inner
             .store
@@ -541,21 +646,30 @@ impl Engine {
     }
 
     pub fn refused(&self, limit: usize) -> Result<Vec<RefusedRecord>> {
-        self.inner
-            .store
-            .refused(if limit == 0 { 100 } else { limit })
+        self.inner.store.refused(if limit == 0 {
+            100
+        } else {
+            limit.min(crate::store::MAX_REFUSED)
+        })
     }
 
-    /// Record a refused (unauthenticated) call. It changes nothing else.
+    /// Record a refused (unauthenticated) call. It changes nothing else. The
+    /// record is made durable by the background flusher within milliseconds,
+    /// not before the refusal is answered: a flood of bad calls must not turn
+    /// into a flood of synchronous disk flushes.
     pub async fn record_refused(&self, call: String, peer: String, reason: String) -> Result<()> {
-        tracing::warn!(%call, %peer, %reason, "refused an unauthenticated call");
+        static LOG: mcfs_dlm::net::RateLog = mcfs_dlm::net::RateLog::new(Duration::from_secs(10), 5);
+        if let Some(n) = LOG.allow() {
+            tracing::warn!(%call, %peer, %reason, suppressed = n, "refused an unauthenticated call");
+        }
         self.inner.store.add_refused(&RefusedRecord {
             at_ms: now_ms(),
             call,
             peer,
             reason,
         })?;
-        self.inner.store.flush().await
+        self.inner.flush.notify_one();
+        Ok(())
     }
 
     pub fn op(&self, request_id: &str) -> Result<Option<OpRecord>> {
@@ -582,6 +696,26 @@ impl Engine {
             {
                 return Ok(rec);
             }
+        }
+    }
+}
+
+/// Flushes what `record_refused` wrote, coalescing bursts; ends with the engine.
+async fn flusher(inner: std::sync::Weak<Inner>, kick: Arc<Notify>) {
+    loop {
+        // Wakes up now and then to notice that the engine is gone.
+        if tokio::time::timeout(Duration::from_secs(5), kick.notified())
+            .await
+            .is_err()
+        {
+            if inner.strong_count() == 0 {
+                return;
+            }
+            continue;
+        }
+        let Some(i) = inner.upgrade() else { return };
+        if let Err(e) = i.store.flush().await {
+            tracing::error!("cannot flush the fence store: {e}");
         }
     }
 }

@@ -437,3 +437,35 @@ async fn process_level_through_the_engine() {
     );
     assert!(!Path::new(&format!("/proc/{}", child.id())).exists());
 }
+
+#[tokio::test]
+async fn a_node_queue_is_bounded_and_retries_are_counted_not_rerun() {
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = config(d.path(), &[(1, "[[node.level]]\nmethod = \"manual\"\n".into())]);
+    cfg.server.max_pending_ops_per_node = Some(2);
+    let e = Engine::open(cfg, &d.path().join("data")).await.unwrap();
+    e.fence(req("a", 1)).await.unwrap();
+    e.fence(req("b", 1)).await.unwrap();
+    let err = e.fence(req("c", 1)).await.unwrap_err();
+    assert!(matches!(err, FenceError::TooBusy { node: 1, pending: 2, limit: 2 }), "{err}");
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::ResourceExhausted);
+    assert!(e.op("c").unwrap().is_none(), "a refused request leaves no record");
+    // A known id is answered from the record even while the queue is full.
+    for _ in 0..50 {
+        assert_eq!(e.fence(req("a", 1)).await.unwrap().outcome, Outcome::Pending);
+    }
+    assert_eq!(e.metrics().duplicates(Kind::Fence), 50);
+    let long = FenceArgs { reason: "x".repeat(MAX_TEXT + 1), ..req("d", 1) };
+    assert!(matches!(e.fence(long).await, Err(FenceError::InvalidRequest(_))));
+    assert!(matches!(e.ack(1, &"o".repeat(MAX_TEXT + 1)), Err(FenceError::InvalidRequest(_))));
+    // Acknowledging finishes "a"; the queue has room again.
+    e.ack(1, "test").unwrap();
+    assert_eq!(e.wait_final("a", WAIT).await.unwrap().outcome, Outcome::Success);
+    e.fence(req("c", 1)).await.unwrap();
+    let m = e.render_metrics();
+    assert!(m.contains("mcfs_fenced_operations_total{kind=\"fence\",outcome=\"success\"} 1"), "{m}");
+    assert!(m.contains("mcfs_fenced_duplicate_requests_total{kind=\"fence\"} 50"), "{m}");
+    assert!(m.contains("mcfs_fenced_attempts_total{method=\"manual\",outcome=\"ok\"} 1"), "{m}");
+    assert!(m.contains("mcfs_fenced_operations_in_progress 2"), "{m}");
+    assert!(m.contains("mcfs_fenced_nodes_fenced 1"), "{m}");
+}

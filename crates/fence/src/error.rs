@@ -25,6 +25,10 @@ pub enum FenceError {
     #[error("node {0} is not fenced; refusing to unfence it")]
     NotFenced(u32),
 
+    /// Too many operations already wait for this node (`max_pending_ops_per_node`).
+    #[error("node {node} already has {pending} operations running or queued (limit {limit}); retry with the same request id later")]
+    TooBusy { node: u32, pending: usize, limit: usize },
+
     #[error("fence store: {0}")]
     Store(#[from] sled::Error),
 
@@ -65,6 +69,7 @@ impl From<FenceError> for Status {
             FenceError::InvalidRequest(_) => Code::InvalidArgument,
             FenceError::RequestIdReused { .. } => Code::AlreadyExists,
             FenceError::NotFenced(_) => Code::FailedPrecondition,
+            FenceError::TooBusy { .. } => Code::ResourceExhausted,
             FenceError::Config { .. }
             | FenceError::Store(_)
             | FenceError::Corrupt { .. }

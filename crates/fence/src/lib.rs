@@ -85,11 +85,25 @@
 //! * [`process`], [`agent`]: the two methods that act on the world.
 //! * [`store`]: sled trees for operations, node states and refused calls.
 //! * [`service`]: gRPC and authentication. [`error`]: the crate's error type.
+//! * [`metrics`]: counters for `GET /metrics` (`--metrics ADDR`).
+//!
+//! # Bad peers
+//!
+//! Connections pass `mcfs_dlm::net::listener` (at most `max_connections`, the
+//! HTTP/2 preface within `handshake_timeout_ms`); calls are bounded in size
+//! (`max_message_bytes`), number per connection (`max_streams_per_connection`)
+//! and time (`request_timeout_ms`); request ids, reasons and operator names in
+//! length; and a node's queue of operations by `max_pending_ops_per_node`
+//! (RESOURCE_EXHAUSTED beyond it). A caller that retries one request id any
+//! number of times, concurrently or not, gets the one recorded operation back:
+//! a sled read per call, nothing runs twice. Refused calls are counted,
+//! logged (rate-limited) and recorded (newest 1000) without a flush per call.
 
 pub mod agent;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod metrics;
 pub mod process;
 pub mod service;
 pub mod store;

@@ -2,6 +2,7 @@
 //! (`crates/fence/src/lib.rs`) and docs/RECOVERY.md "# Fencing".
 
 use clap::Parser;
+use mcfs_fence::config::ServerSettings;
 use mcfs_fence::{Config, Engine, FencerService};
 use mcfs_proto::auth::Secret;
 use std::path::PathBuf;
@@ -32,6 +33,9 @@ struct Args {
     /// Validate the configuration, print what would be used, and exit.
     #[arg(long)]
     check_config: bool,
+    /// Daemon bounds and metrics (also the `[server]` table of --config; flags win).
+    #[command(flatten)]
+    server: ServerSettings,
 }
 
 fn main() -> ExitCode {
@@ -66,7 +70,10 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<(), String> {
     let secret = Secret::from_file(&args.secret_file)?;
-    let cfg = Config::load(&args.config).map_err(|e| e.to_string())?;
+    let mut cfg = Config::load(&args.config).map_err(|e| e.to_string())?;
+    cfg.server = cfg.server.overlaid(&args.server);
+    cfg.server.validate()?;
+    let server = cfg.server.clone();
     for w in cfg.warnings() {
         tracing::warn!("{w}");
     }
@@ -93,24 +100,56 @@ async fn run(args: Args) -> Result<(), String> {
     let addr = listener
         .local_addr()
         .map_err(|e| format!("local address: {e}"))?;
+    if let Some(m) = &server.metrics {
+        let l = tokio::net::TcpListener::bind(m)
+            .await
+            .map_err(|e| format!("cannot serve metrics on {m}: {e}"))?;
+        let at = l
+            .local_addr()
+            .map_err(|e| format!("metrics address: {e}"))?;
+        let e = engine.clone();
+        let render: mcfs_dlm::net::metrics::Render = std::sync::Arc::new(move || e.render_metrics());
+        tokio::spawn(mcfs_dlm::net::metrics::serve(l, render));
+        tracing::info!(addr = %at, "serving Prometheus metrics on http://{at}/metrics");
+        if let Some(f) = &server.metrics_addr_file {
+            write_addr(f, &at.to_string())?;
+        }
+    }
     tracing::info!(%addr, data_dir = %args.data_dir.display(), "mcfs-fenced listening");
     if let Some(f) = &args.addr_file {
-        // Written whole through a rename, so a reader never sees half an address.
-        let tmp = f.with_extension("tmp");
-        std::fs::write(&tmp, format!("{addr}\n"))
-            .and_then(|()| std::fs::rename(&tmp, f))
-            .map_err(|e| format!("cannot write {}: {e}", f.display()))?;
+        write_addr(f, &addr.to_string())?;
     }
+    let limits = mcfs_dlm::net::listener::ListenerLimits {
+        max_connections: server.max_connections(),
+        handshake_timeout: server.handshake_timeout(),
+    };
+    let incoming = mcfs_dlm::net::listener::incoming(
+        listener,
+        limits,
+        engine.metrics().conn.clone(),
+        "mcfs-fenced",
+    );
+    // Every Fencer call is short (Fence only starts an operation), so one
+    // deadline for all of them bounds a peer that stalls mid-request.
     tonic::transport::Server::builder()
+        .timeout(server.request_timeout())
+        .max_concurrent_streams(Some(server.max_streams_per_connection()))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(FencerService::new(engine, secret).into_server())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown(),
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown())
         .await
         .map_err(|e| format!("gRPC server: {e}"))?;
     tracing::info!("mcfs-fenced stopped");
     Ok(())
+}
+
+/// Written whole through a rename, so a reader never sees half an address.
+fn write_addr(f: &std::path::Path, addr: &str) -> Result<(), String> {
+    let tmp = f.with_extension("tmp");
+    std::fs::write(&tmp, format!("{addr}\n"))
+        .and_then(|()| std::fs::rename(&tmp, f))
+        .map_err(|e| format!("cannot write {}: {e}", f.display()))
 }
 
 async fn shutdown() {

@@ -22,19 +22,23 @@ impl FencerService {
         FencerService { engine, secret }
     }
 
+    /// The tonic service, refusing request messages over `max_message_bytes`.
     pub fn into_server(self) -> FencerServer<FencerService> {
-        FencerServer::new(self)
+        let max = self.engine.config().server.max_message_bytes();
+        FencerServer::new(self).max_decoding_message_size(max)
     }
 
     /// Refuse and record an unauthenticated call; nothing else changes.
     async fn authorize<T>(
         &self,
+        rpc: &str,
         req: &Request<T>,
         call: impl FnOnce() -> String,
     ) -> Result<(), Status> {
         let Err(st) = self.secret.check(req) else {
             return Ok(());
         };
+        self.engine.metrics().refused(rpc);
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         if let Err(e) = self
             .engine
@@ -44,6 +48,13 @@ impl FencerService {
             tracing::error!("cannot record a refused call: {e}");
         }
         Err(st)
+    }
+
+    /// Count an answered call by its status code.
+    fn counted<T>(&self, rpc: &str, r: Result<T, Status>) -> Result<T, Status> {
+        let code = r.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+        self.engine.metrics().call(rpc, code);
+        r
     }
 }
 
@@ -111,11 +122,11 @@ impl Fencer for FencerService {
         &self,
         req: Request<pb::FenceRequest>,
     ) -> Result<Response<pb::FenceReply>, Status> {
-        self.authorize(&req, || {
+        self.authorize("fence", &req, || {
             format!(
                 "Fence(node {}, request {:?})",
                 req.get_ref().node_id,
-                req.get_ref().request_id
+                req.get_ref().request_id.chars().take(300).collect::<String>()
             )
         })
         .await?;
@@ -128,70 +139,88 @@ impl Fencer for FencerService {
                 failure_time_ms: r.failure_time_unix_ms,
                 reason: r.reason,
             })
-            .await?;
-        Ok(Response::new(reply(&rec)))
+            .await
+            .map_err(Status::from);
+        self.counted("fence", rec.map(|rec| Response::new(reply(&rec))))
     }
 
     async fn unfence(
         &self,
         req: Request<pb::UnfenceRequest>,
     ) -> Result<Response<pb::FenceReply>, Status> {
-        self.authorize(&req, || {
+        self.authorize("unfence", &req, || {
             format!(
                 "Unfence(node {}, request {:?})",
                 req.get_ref().node_id,
-                req.get_ref().request_id
+                req.get_ref().request_id.chars().take(300).collect::<String>()
             )
         })
         .await?;
         let r = req.into_inner();
-        let rec = self.engine.unfence(&r.request_id, r.node_id).await?;
-        Ok(Response::new(reply(&rec)))
+        let rec = self
+            .engine
+            .unfence(&r.request_id, r.node_id)
+            .await
+            .map_err(Status::from);
+        self.counted("unfence", rec.map(|rec| Response::new(reply(&rec))))
     }
 
     async fn status(
         &self,
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::NodeStatus>, Status> {
-        self.authorize(&req, || format!("Status(node {})", req.get_ref().node_id))
-            .await?;
-        Ok(Response::new(node_status(
-            self.engine.status(req.get_ref().node_id)?,
-        )))
+        self.authorize("status", &req, || {
+            format!("Status(node {})", req.get_ref().node_id)
+        })
+        .await?;
+        let r = self
+            .engine
+            .status(req.get_ref().node_id)
+            .map(|s| Response::new(node_status(s)))
+            .map_err(Status::from);
+        self.counted("status", r)
     }
 
     async fn history(
         &self,
         req: Request<pb::HistoryRequest>,
     ) -> Result<Response<pb::HistoryReply>, Status> {
-        self.authorize(&req, || format!("History(node {})", req.get_ref().node_id))
-            .await?;
-        let r = req.into_inner();
-        if r.node_id != 0 {
-            self.engine.config().node(r.node_id)?;
-        }
-        let records = self.engine.history(r.node_id, r.limit as usize)?;
-        let refused_calls = self.engine.refused(r.limit as usize)?;
-        Ok(Response::new(pb::HistoryReply {
-            records: records.iter().map(reply).collect(),
-            refused: refused_calls.into_iter().map(refused).collect(),
-        }))
-    }
-
-    async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::AckReply>, Status> {
-        self.authorize(&req, || {
-            format!(
-                "Ack(node {}, operator {:?})",
-                req.get_ref().node_id,
-                req.get_ref().operator
-            )
+        self.authorize("history", &req, || {
+            format!("History(node {})", req.get_ref().node_id)
         })
         .await?;
         let r = req.into_inner();
-        let a = self.engine.ack(r.node_id, &r.operator)?;
-        Ok(Response::new(pb::AckReply {
-            acknowledged: a.acknowledged,
-            message: a.message,
-        }))
+        let res = (|| {
+            if r.node_id != 0 {
+                self.engine.config().node(r.node_id)?;
+            }
+            let records = self.engine.history(r.node_id, r.limit as usize)?;
+            let refused_calls = self.engine.refused(r.limit as usize)?;
+            Ok::<_, crate::FenceError>(Response::new(pb::HistoryReply {
+                records: records.iter().map(reply).collect(),
+                refused: refused_calls.into_iter().map(refused).collect(),
+            }))
+        })();
+        self.counted("history", res.map_err(Status::from))
+    }
+
+    async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::AckReply>, Status> {
+        self.authorize("ack", &req, || {
+            let op: String = req.get_ref().operator.chars().take(64).collect();
+            format!("Ack(node {}, operator {op:?})", req.get_ref().node_id)
+        })
+        .await?;
+        let r = req.into_inner();
+        let a = self
+            .engine
+            .ack(r.node_id, &r.operator)
+            .map(|a| {
+                Response::new(pb::AckReply {
+                    acknowledged: a.acknowledged,
+                    message: a.message,
+                })
+            })
+            .map_err(Status::from);
+        self.counted("ack", a)
     }
 }

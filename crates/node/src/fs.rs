@@ -34,6 +34,8 @@ pub struct MountOptions {
     pub dealloc_backoff: (Duration, Duration),
     /// Longest unmount waits for deferred deallocations.
     pub drain_timeout: Duration,
+    /// Longest mount waits for a journal slot.
+    pub journal_wait: Duration,
 }
 
 impl Default for MountOptions {
@@ -47,6 +49,7 @@ impl Default for MountOptions {
             force_nolock: false,
             dealloc_backoff: (Duration::from_millis(100), Duration::from_millis(1000)),
             drain_timeout: Duration::from_secs(30),
+            journal_wait: Duration::from_secs(30),
         }
     }
 }
@@ -91,26 +94,41 @@ pub struct Fs {
     me: Weak<Fs>,
 }
 
-/// Read and check the superblock (the backup when the primary is damaged).
+/// Read and check the superblock: the primary at 64 KiB, or, when that one is
+/// damaged, the backup in the device's last block (reported loudly: fsck.mcfs
+/// -y rewrites the primary). The node never repairs it itself.
 pub fn read_superblock(dev: &dyn BlockDevice) -> Result<Superblock> {
-    let mut probe = vec![0u8; 65536.min(dev.size() as usize).max(512)];
     let sb_off = mcfs_format::geometry::SB_OFFSET;
-    if dev.size() < sb_off + 4096 {
+    let sector = (dev.sector_size() as usize).max(512);
+    if dev.size() < sb_off + 65536 {
         return Err(FsError::Invalid("device too small to hold an mcfs filesystem".into()));
     }
-    // The primary superblock sits at 64 KiB whatever the block size.
-    let n = probe.len().min(65536);
-    probe.truncate(n);
-    dev.read_at(sb_off, &mut probe[..4096.max(dev.sector_size() as usize).min(n)])?;
-    let bs = mcfs_format::le_u32(&probe, 48);
+    // The block size is a field of the superblock; read the largest possible block.
+    let mut b = vec![0u8; 65536];
+    dev.read_at(sb_off, &mut b)?;
+    let bs = mcfs_format::le_u32(&b, 48);
     let primary = if (512..=65536).contains(&bs) && bs.is_power_of_two() {
-        let mut b = vec![0u8; bs as usize];
-        dev.read_at(sb_off, &mut b)?;
-        Superblock::decode(&b, sb_off / bs as u64)
+        Superblock::decode(&b[..bs as usize], sb_off / bs as u64)
     } else {
-        Superblock::decode(&probe, sb_off / 4096)
+        Superblock::decode(&b[..4096], sb_off / 4096)
     };
-    primary.map_err(FsError::Corrupt)
+    let err = match primary {
+        Ok(sb) => return Ok(sb),
+        Err(e) => e,
+    };
+    let mut bsz = 512u64.max(sector as u64);
+    while bsz <= 65536 {
+        let blk = dev.size() / bsz - 1;
+        let mut v = vec![0u8; bsz as usize];
+        if dev.read_at(blk * bsz, &mut v).is_ok() {
+            if let Ok(sb) = Superblock::decode(&v, blk) {
+                tracing::warn!("primary superblock damaged ({err}); using the backup at block {blk}. Run fsck.mcfs -y to repair the primary");
+                return Ok(sb);
+            }
+        }
+        bsz *= 2;
+    }
+    Err(FsError::Corrupt(err))
 }
 
 impl Fs {
@@ -136,22 +154,37 @@ impl Fs {
         let withdrawn = Arc::new(AtomicBool::new(false));
         let ms = MaySleep::new().ok_or_else(|| FsError::Other("mount from reclaim".into()))?;
 
-        // Claim a journal slot: the first whose lock we get at once.
-        let mut mine: Option<(u32, Holder)> = None;
-        let mut others = Vec::new();
-        for slot in 0..geo.journal_count {
-            match glocks.try_acquire(LockName::Journal(slot), Mode::EX) {
-                Ok(h) if mine.is_none() => mine = Some((slot, h)),
-                Ok(h) => others.push((slot, h)),
-                Err(FsError::WouldBlock) => {}
-                Err(e) => return Err(e),
+        // Claim a journal slot: the first whose lock we get at once. None free
+        // may also mean the lock server is in its grace period or recovering a
+        // node (it then grants nothing new): wait for that, within a bound.
+        let t0 = Instant::now();
+        let mut waited = false;
+        let (slot, jholder, others) = loop {
+            let mut mine: Option<(u32, Holder)> = None;
+            let mut others = Vec::new();
+            for slot in 0..geo.journal_count {
+                match glocks.try_acquire(LockName::Journal(slot), Mode::EX) {
+                    Ok(h) if mine.is_none() => mine = Some((slot, h)),
+                    Ok(h) => others.push((slot, h)),
+                    Err(FsError::WouldBlock) => {}
+                    Err(e) => return Err(e),
+                }
             }
-        }
-        let Some((slot, jholder)) = mine else {
-            return Err(FsError::Invalid(format!(
-                "no free journal slot: all {} journals are in use (make more with mkfs.mcfs -j, or unmount a node)",
-                geo.journal_count
-            )));
+            if let Some((slot, h)) = mine {
+                break (slot, h, others);
+            }
+            drop(others);
+            if t0.elapsed() >= opts.journal_wait {
+                return Err(FsError::Invalid(format!(
+                    "no free journal slot after {:?}: all {} journals are in use (make more with mkfs.mcfs -j, or unmount a node), or the lock server is still recovering a failed node (see mcfs status)",
+                    opts.journal_wait, geo.journal_count
+                )));
+            }
+            if !waited {
+                tracing::info!("no journal slot free yet (in use, or the lock server is in its grace period or recovering); waiting");
+                waited = true;
+            }
+            std::thread::sleep(Duration::from_millis(250));
         };
         let _ = ms;
         // Journals nobody holds: replay the dirty ones (first mounter after a
@@ -317,7 +350,11 @@ impl Fs {
             Err(FsError::Withdrawn(self.withdraw_reason().unwrap_or_default()))
         } else {
             self.evict_all_for_unmount()
-                .and_then(|_| self.drain_deferred(self.opts.drain_timeout))
+                .and_then(|_| {
+                    // leftovers of crashed nodes: whoever unmounts last finishes them
+                    self.orphan_scan()?;
+                    self.drain_deferred(self.opts.drain_timeout)
+                })
                 .and_then(|_| self.log.shutdown_clean())
                 .and_then(|_| self.glocks.release_all())
         };

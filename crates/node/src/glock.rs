@@ -344,6 +344,11 @@ pub struct GlockTable {
     me: Weak<GlockTable>,
     /// What each thread currently waits for (status: "blocked on ...").
     waiting: Mutex<HashMap<std::thread::ThreadId, (LockName, Mode, Instant)>>,
+    /// Blocking callbacks that arrived before the grant they are about was
+    /// recorded (the grant reply and the callback travel different paths). The
+    /// lock server never repeats a callback, so losing one would hang the
+    /// waiter forever.
+    early: Mutex<HashMap<u64, (Mode, Instant)>>,
 }
 
 impl GlockTable {
@@ -359,6 +364,7 @@ impl GlockTable {
             shutdown: false.into(),
             me: me.clone(),
             waiting: Mutex::new(HashMap::new()),
+            early: Mutex::new(HashMap::new()),
         })
     }
 
@@ -470,6 +476,10 @@ impl GlockTable {
                     st.acquired_at = Some(Instant::now());
                     st.demote = None;
                     st.demote_since = None;
+                    if let Some((m, _)) = self.early.lock().unwrap_or_else(|p| p.into_inner()).remove(&g.id) {
+                        st.demote = Some(m);
+                        st.demote_since = Some(Instant::now());
+                    }
                     self.by_id.lock().unwrap_or_else(|p| p.into_inner()).insert(g.id, name);
                     add_holder(&mut st, mode);
                     return Ok(Holder { gl: gl.clone(), table: self.me.clone(), mode });
@@ -520,19 +530,40 @@ impl GlockTable {
                 None => return,
             },
         };
+        let gl = self.get(name);
         if let LockName::Iopen(ino) = name {
-            // Holding iopen means "in memory here": the owner decides whether to
-            // let go (evict) or keep the duty to deallocate.
+            // Holding iopen shared means "in memory here": the owner decides
+            // whether to let go (evict) or keep the duty to deallocate. An
+            // exclusive hold left over from a deallocation attempt is demoted
+            // to shared (or dropped) like any other glock.
+            let held_ex = {
+                let mut st = gl.lock_st();
+                let ex = st.granted.is_some_and(|g| g.0 == lock_id && g.1 == Mode::EX);
+                if ex {
+                    st.demote = Some(st.demote.map_or(mode, |d| d.max(mode)));
+                    st.demote_since.get_or_insert_with(Instant::now);
+                }
+                ex && !st.busy && !st.holder_ex
+            };
+            if held_ex {
+                self.queue_demote(name);
+            }
             if let Some(ops) = self.ops() {
                 ops.iopen_wanted(ino);
             }
             return;
         }
-        let gl = self.get(name);
         let idle = {
             let mut st = gl.lock_st();
             if st.granted.map(|g| g.0) != Some(lock_id) {
-                return; // stale callback for a lock we no longer hold
+                // Not (yet) the lock we hold: either stale (a lock we gave up)
+                // or for a grant still on its way to the acquiring thread.
+                // Keep it until that grant is recorded.
+                let mut e = self.early.lock().unwrap_or_else(|p| p.into_inner());
+                e.retain(|_, (_, t)| t.elapsed() < Duration::from_secs(120));
+                let entry = e.entry(lock_id).or_insert((mode, Instant::now()));
+                entry.0 = entry.0.max(mode);
+                return;
             }
             let m = st.demote.map_or(mode, |d| d.max(mode));
             st.demote = Some(m);
@@ -561,7 +592,10 @@ impl GlockTable {
                 st.demote = None;
                 return None;
             };
-            if st.busy || st.holder_ex || st.holders_sh > 0 {
+            // iopen holders are shared holders for the inode's whole life in
+            // memory: an EX grant is demoted to PR under them
+            let iopen = matches!(name, LockName::Iopen(_));
+            if st.busy || st.holder_ex || (st.holders_sh > 0 && !(iopen && held == Mode::EX)) {
                 return None; // the last holder requeues
             }
             if let Some(t) = st.acquired_at {
@@ -572,7 +606,7 @@ impl GlockTable {
             }
             st.busy = true;
             // A reader elsewhere only needs us out of EX: keep a shared copy.
-            let target = if held == Mode::EX && want <= Mode::PR { Mode::PR } else { Mode::NL };
+            let target = if held == Mode::EX && (want <= Mode::PR || (iopen && st.holders_sh > 0)) { Mode::PR } else { Mode::NL };
             (id, held, target)
         };
         let ops = self.ops();
@@ -591,6 +625,7 @@ impl GlockTable {
             Err(_) => Ok(()),
         };
         let mut st = gl.lock_st();
+        let mut requeue = false;
         st.busy = false;
         st.demotes += 1;
         match (&result, backend_res) {
@@ -601,8 +636,15 @@ impl GlockTable {
                     st.granted = None;
                     self.by_id.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                 }
-                st.demote = None;
-                st.demote_since = None;
+                // A callback for a stronger mode may have arrived while we
+                // converted down to PR (the lock server does not repeat it):
+                // keep it and go on down.
+                if target == Mode::PR && st.demote.is_some_and(|m| m > Mode::PR) {
+                    requeue = true;
+                } else {
+                    st.demote = None;
+                    st.demote_since = None;
+                }
             }
             (Err(e), _) => {
                 // Could not sync: keep the lock (never hand out what we could not
@@ -617,7 +659,12 @@ impl GlockTable {
                 st.demote = None;
             }
         }
+        let idle = !st.holder_ex && st.holders_sh == 0;
         gl.cv.notify_all();
+        drop(st);
+        if requeue && idle {
+            self.queue_demote(name);
+        }
         None
     }
 

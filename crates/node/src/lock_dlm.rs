@@ -16,7 +16,7 @@ use std::sync::Arc;
 use mcfs_dlm::{ClientEvent, DlmClient};
 
 use crate::fs::Fs;
-use crate::glock::{BackendGrant, LockBackend, LockError, LockName, MaySleep, Mode};
+use crate::glock::{BackendGrant, LockBackend, LockError, Mode};
 
 fn to_dlm(m: Mode) -> mcfs_dlm::Mode {
     match m {
@@ -75,75 +75,100 @@ impl LockBackend for DlmBackend {
     }
 }
 
+/// What recovery needs when the filesystem is not mounted yet (a node that
+/// joins while recoveries are pending must be able to do them: the lockspace
+/// may be paused until they are done, and so would its own mount).
+pub struct RecoveryCtx {
+    pub dev: Arc<dyn mcfs_blockdev::BlockDevice>,
+    pub sb: mcfs_format::sb::Superblock,
+    pub node_id: u32,
+    pub budget: Arc<crate::icache::budget::Budget>,
+}
+
 /// Serve the lock server's events until the channel closes.
-pub async fn run_events(mut rx: tokio::sync::mpsc::UnboundedReceiver<ClientEvent>, fs: Arc<std::sync::OnceLock<Arc<Fs>>>, client: DlmClient) {
+pub async fn run_events(mut rx: tokio::sync::mpsc::UnboundedReceiver<ClientEvent>, fs: Arc<std::sync::OnceLock<Arc<Fs>>>, client: DlmClient, ctx: Arc<RecoveryCtx>) {
     let mut early: Vec<ClientEvent> = Vec::new();
     while let Some(ev) = rx.recv().await {
-        let Some(fs) = fs.get().cloned() else {
-            // not mounted yet: recovery requests wait for the mount
+        if let ClientEvent::Recovery(r) = &ev {
+            tracing::info!(node = r.node_id, journal = r.journal, state = ?r.state, "recovery event");
+            let mounted = fs.get().cloned();
+            let ours = mounted.as_ref().is_some_and(|f| f.node_id == r.node_id);
+            if r.state == mcfs_dlm::core::recovery::RecoveryState::NeedsReplay && r.journal >= 0 && !ours {
+                let (client, ctx, rt) = (client.clone(), ctx.clone(), tokio::runtime::Handle::current());
+                let (node, journal) = (r.node_id, r.journal as u32);
+                let _ = std::thread::Builder::new().name(format!("recover-j{journal}")).spawn(move || recover(&ctx, mounted.as_ref(), &client, &rt, node, journal));
+            }
+            continue;
+        }
+        let Some(f) = fs.get().cloned() else {
+            // not mounted yet: callbacks wait for the glock table
             early.push(ev);
             continue;
         };
         for ev in early.drain(..).chain(std::iter::once(ev)) {
-            handle(&fs, &client, ev);
-        }
-    }
-}
-
-fn handle(fs: &Arc<Fs>, client: &DlmClient, ev: ClientEvent) {
-    match ev {
-        ClientEvent::Blocking { lock_id, resource, mode } => fs.glocks.blocking_callback(lock_id, &resource, from_dlm(mode)),
-        ClientEvent::Recovery(r) => {
-            tracing::info!(node = r.node_id, journal = r.journal, state = ?r.state, "recovery event");
-            if r.state == mcfs_dlm::core::recovery::RecoveryState::NeedsReplay && r.journal >= 0 && r.node_id != fs.node_id {
-                let fs = fs.clone();
-                let client = client.clone();
-                let rt = tokio::runtime::Handle::current();
-                let _ = std::thread::Builder::new().name(format!("recover-j{}", r.journal)).spawn(move || recover(&fs, &client, &rt, r.node_id, r.journal as u32));
+            match ev {
+                ClientEvent::Blocking { lock_id, resource, mode } => f.glocks.blocking_callback(lock_id, &resource, from_dlm(mode)),
+                ClientEvent::SessionLost(why) => f.withdraw(&format!("lock server session lost: {why}")),
+                ClientEvent::Reconnected => tracing::info!("lock server restarted; every lock reclaimed"),
+                ClientEvent::Recovery(_) => {}
             }
         }
-        ClientEvent::SessionLost(why) => fs.withdraw(&format!("lock server session lost: {why}")),
-        ClientEvent::Reconnected => tracing::info!("lock server restarted; every lock reclaimed"),
     }
 }
 
-/// Replay a failed node's journal (survivor side).
-fn recover(fs: &Arc<Fs>, client: &DlmClient, rt: &tokio::runtime::Handle, node: u32, journal: u32) {
-    if journal >= fs.geo.journal_count {
+/// Replay a failed node's journal (survivor side, or a node joining while the
+/// recovery is pending). The journal lock is taken with NOEXP directly from the
+/// lock manager: it is never cached.
+fn recover(ctx: &RecoveryCtx, fs: Option<&Arc<Fs>>, client: &DlmClient, rt: &tokio::runtime::Handle, node: u32, journal: u32) {
+    if journal >= ctx.sb.geometry.journal_count {
         tracing::error!(node, journal, "recovery names a journal this filesystem does not have");
         return;
     }
-    let Some(ms) = MaySleep::new() else { return };
     let t0 = std::time::Instant::now();
-    let name = LockName::Journal(journal);
-    let h = match fs.glocks.acquire_noexp(name, Mode::EX, &ms) {
-        Ok(h) => h,
+    let res = format!("journal/{journal}");
+    let grant = match rt.block_on(client.lock(res.as_bytes(), mcfs_dlm::Mode::EX, mcfs_dlm::flags::NOEXP)) {
+        Ok(g) => g,
         Err(e) => {
             tracing::error!(node, journal, "cannot take the journal lock for recovery: {e}");
             return;
         }
     };
-    fs.set_recovery_progress(node, journal, "replaying");
-    let res = crate::recovery::replay(fs.dev.as_ref(), &fs.sb, journal, &fs.budget, fs.node_id);
-    match res {
+    let progress = |step: &str| {
+        if let Some(f) = fs {
+            f.set_recovery_progress(node, journal, step);
+        }
+    };
+    progress("replaying");
+    let budget = fs.map_or_else(|| ctx.budget.clone(), |f| f.budget.clone());
+    match crate::recovery::replay(ctx.dev.as_ref(), &ctx.sb, journal, &budget, ctx.node_id) {
         Ok((report, _)) => {
             let was_clean = report.was_clean;
             tracing::info!(node, journal, replayed = report.blocks_replayed, ms = t0.elapsed().as_millis() as u64, was_clean, "journal of failed node replayed");
-            fs.note_replay(report);
+            if let Some(f) = fs {
+                f.note_replay(report);
+            }
             // reported while we still hold the journal lock: the DLM checks that
             match rt.block_on(client.recovery_done(node, journal as i32)) {
-                Ok(()) => fs.set_recovery_progress(node, journal, "done"),
+                Ok(()) => progress("done"),
                 Err(e) => {
-                    tracing::info!(node, journal, "recovery done not accepted (another survivor finished first): {e}");
-                    fs.set_recovery_progress(node, journal, "done by another node");
+                    tracing::info!(node, journal, "recovery done not accepted (another node finished first): {e}");
+                    progress("done by another node");
                 }
             }
         }
         Err(e) => {
-            fs.set_recovery_progress(node, journal, "failed");
-            fs.withdraw(&format!("replay of journal {journal} (node {node}) failed: {e}"));
+            progress("failed");
+            tracing::error!(node, journal, "replay failed: {e}");
+            if let Some(f) = fs {
+                f.withdraw(&format!("replay of journal {journal} (node {node}) failed: {e}"));
+            }
         }
     }
-    drop(h);
-    fs.glocks.unlock_idle(name);
+    if let Err(e) = rt.block_on(client.unlock(grant.lock_id, None)) {
+        tracing::warn!(journal, "unlocking the journal after recovery: {e}");
+    }
+    // deallocations the dead node had not finished are now ours to finish
+    if let Some(f) = fs {
+        f.icache.request_scan();
+    }
 }

@@ -278,8 +278,9 @@ impl UringDevice {
     /// `f` runs on the ring thread, as soon as the completion is reaped: it may submit
     /// further requests (the `submit_*` methods never block), which then reach the
     /// kernel without a wake-up in between; that is the cheapest way to keep a queue
-    /// full from one place. It must not block, and in particular must not call the
-    /// blocking [`BlockDevice`] methods (they would wait for the thread running `f`).
+    /// full from one place. It must not block: the blocking [`BlockDevice`] methods
+    /// called there return [`Error::OnRingThread`] rather than wait for themselves, and
+    /// `IoFuture::wait` there would hang.
     /// A request rejected before submission (unaligned, out of range, read-only) runs
     /// `f` at once on the calling thread.
     pub fn submit_write_with(
@@ -409,8 +410,14 @@ impl UringDevice {
 
     // ---- blocking helpers --------------------------------------------------------
 
-    fn sync_group(&self, count: usize) -> Arc<Group> {
-        Group::new(count, Waiter::Thread(std::thread::current()))
+    /// A group the calling thread will block on; refused on the ring thread, which
+    /// would then wait for itself.
+    fn sync_group(&self, op: IoOp, count: usize) -> Result<Arc<Group>, Error> {
+        let me = std::thread::current();
+        if Some(me.id()) == self.thread.as_ref().map(|t| t.thread().id()) {
+            return Err(Error::OnRingThread { op });
+        }
+        Ok(Group::new(count, Waiter::Thread(me)))
     }
 
     fn vectored(
@@ -460,7 +467,7 @@ impl UringDevice {
             });
         }
         let res = if iov.len() <= IOV_MAX && total <= MAX_CHUNK {
-            let group = self.sync_group(1);
+            let group = self.sync_group(op, 1)?;
             let cnt = iov.len() as u32;
             let kind = if write {
                 Kind::Writev {
@@ -486,7 +493,7 @@ impl UringDevice {
             let mut reqs = Vec::new();
             let mut off = offset;
             let count: usize = iov.iter().map(|v| UringDevice::chunks(v.iov_len as u64)).sum();
-            let group = self.sync_group(count);
+            let group = self.sync_group(op, count)?;
             for (i, v) in iov.iter().enumerate() {
                 UringDevice::push_chunks(
                     &mut reqs,
@@ -522,7 +529,7 @@ impl UringDevice {
         if count == 0 {
             return Ok(());
         }
-        let group = self.sync_group(count);
+        let group = self.sync_group(op, count)?;
         let mut out = Vec::with_capacity(count);
         let mut bounces: Vec<(usize, AlignedBuf)> = Vec::new();
         for (i, &(off, p, n)) in reqs.iter().enumerate() {
@@ -605,7 +612,7 @@ impl BlockDevice for UringDevice {
     }
 
     fn flush(&self) -> Result<(), Error> {
-        let group = self.sync_group(1);
+        let group = self.sync_group(IoOp::Flush, 1)?;
         self.shared.submit([Request {
             kind: Kind::Fsync,
             offset: 0,

@@ -12,8 +12,9 @@
 //!    read is always armed in the ring, so a caller's eventfd write wakes it for new
 //!    work exactly like a completion does.
 //! 4. Each completion is checked (errno, short transfer) and counted against its group;
-//!    the last one marks the group done and wakes its waiter: a parked thread or a
-//!    future's waker.
+//!    the last one marks the group done and wakes its waiter: a parked thread, a
+//!    future's waker, or a completion callback, which runs right here and may queue
+//!    more requests (taken in the next turn of the loop, without any wake-up).
 //!
 //! Why one thread: with one submitter the ring can use `SINGLE_ISSUER | DEFER_TASKRUN`,
 //! so completion work runs in this thread when it asks for events instead of

@@ -143,6 +143,9 @@ impl Lockspace {
     pub fn resource_count(&self) -> usize {
         self.resources.len()
     }
+    pub fn lock_count(&self) -> usize {
+        self.locks.len()
+    }
     pub fn lock(&self, id: LockId) -> Option<&Lock> {
         self.locks.get(&id)
     }
@@ -218,12 +221,6 @@ impl Lockspace {
                 member.locks, self.limits.max_locks_per_node
             )));
         }
-        if pending >= self.limits.max_pending_per_node && req.flags & flags::NOQUEUE == 0 {
-            return Err(Error::ResourceExhausted(format!(
-                "node {node} already has {pending} queued requests (limit {})",
-                self.limits.max_pending_per_node
-            )));
-        }
         let id = self.alloc_lock_id();
         let key: Arc<[u8]> = match self.resources.get_key_value(req.resource) {
             Some((k, _)) => k.clone(),
@@ -266,6 +263,14 @@ impl Lockspace {
                 self.drop_if_idle(&key);
                 Ok(LockOutcome::WouldBlock(id))
             }
+            // Only a request that must wait counts against the pending limit:
+            // one that is granted at once or refused (NOQUEUE) never queues.
+            _ if pending >= self.limits.max_pending_per_node => {
+                self.locks.remove(&id);
+                self.count(node, inc, -1, 0);
+                self.drop_if_idle(&key);
+                Err(pending_limit(node, pending, self.limits.max_pending_per_node))
+            }
             _ => {
                 self.place(&key, id, Queue::Waiting);
                 self.count(node, inc, 0, 1);
@@ -300,12 +305,6 @@ impl Lockspace {
         if req.flags & flags::QUECVT != 0 && !gr.quecvt_allowed(mode) {
             return Err(Error::InvalidArgument(format!("QUECVT is only valid for up-conversions, not {gr}->{mode}")));
         }
-        if pending >= self.limits.max_pending_per_node && req.flags & flags::NOQUEUE == 0 {
-            return Err(Error::ResourceExhausted(format!(
-                "node {node} already has {pending} queued requests (limit {})",
-                self.limits.max_pending_per_node
-            )));
-        }
         let (key, inc) = (lk.resource.clone(), lk.inc);
         if let Some(l) = self.locks.get_mut(&id) {
             l.rq = mode;
@@ -315,6 +314,15 @@ impl Lockspace {
         }
         use super::queues::Decision;
         let mut decision = self.decide(&key, id, true);
+        // Only a conversion that must wait counts against the pending limit;
+        // refused before a CONVDEADLK demotion changes anything.
+        if matches!(decision, Decision::Wait | Decision::Demote)
+            && req.flags & flags::NOQUEUE == 0
+            && pending >= self.limits.max_pending_per_node
+        {
+            self.revert(id);
+            return Err(pending_limit(node, pending, self.limits.max_pending_per_node));
+        }
         if decision == Decision::Demote {
             // CONVDEADLK: our granted mode is what blocks an earlier conversion;
             // drop it to NL, let the others through, then try again.
@@ -526,6 +534,12 @@ impl Lockspace {
     pub(super) fn owner_active(&self, l: &Lock) -> bool {
         self.members.get(&l.node).is_some_and(|m| m.state == MemberState::Active && m.inc == l.inc)
     }
+}
+
+fn pending_limit(node: NodeId, pending: usize, limit: usize) -> Error {
+    Error::ResourceExhausted(format!(
+        "node {node} already has {pending} queued requests (limit {limit}); this one would have to wait"
+    ))
 }
 
 fn validate_flags(f: u32) -> Result<()> {

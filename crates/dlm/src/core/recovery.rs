@@ -230,10 +230,9 @@ impl Lockspace {
         out.push(Effect::Persist(Record::Generation(self.generation)));
         out.push(Effect::Persist(Record::Member(m.clone())));
         self.members.insert(node, m);
-        if self.grace && !self.members.values().any(|m| m.state == MemberState::Expected) {
-            // Everyone is back: no need to wait for the end of the window.
-            self.end_grace(0, out);
-        }
+        // Even if this was the last expected member, grace ends only after its
+        // reclaims (`reclaim`): ending it here would refuse them, and could
+        // grant a waiter a lock that conflicts with them.
         Ok(JoinInfo {
             generation: self.generation,
             members: self.members.values().filter(|m| m.state == MemberState::Active).map(|m| m.node).collect(),
@@ -243,7 +242,9 @@ impl Lockspace {
     }
 
     /// Reclaim locks held before a restart (only right after a join from
-    /// EXPECTED, in the grace window). Returns the ids refused.
+    /// EXPECTED, in the grace window). Returns the ids refused. Called after
+    /// every join (with an empty list if there is nothing to reclaim): once no
+    /// member is still expected, the grace window ends here.
     pub fn reclaim(&mut self, node: NodeId, locks: &[(LockId, &[u8], Option<Mode>)], out: &mut Vec<Effect>) -> Vec<LockId> {
         let Some(m) = self.members.get(&node) else { return locks.iter().map(|l| l.0).collect() };
         let (inc, ok) = (m.inc, m.reclaiming && m.state == MemberState::Active);
@@ -297,7 +298,10 @@ impl Lockspace {
             self.place(&key, id, Queue::Granted);
             self.count(node, inc, 1, 0);
         }
-        let _ = out;
+        if self.grace && !self.members.values().any(|m| m.state == MemberState::Expected) {
+            // Everyone is back: no need to wait for the end of the window.
+            self.end_grace(0, out);
+        }
         refused
     }
 

@@ -475,8 +475,20 @@ fn limits_per_node() {
     t.granted(1, "b", EX);
     t.lock(2, "a", EX);
     assert!(matches!(t.req(2, "b", EX, 0), Err(Error::ResourceExhausted(_))), "pending limit");
-    t.granted(1, "c", EX);
+    assert!(t.ls.resource(b"b").is_some_and(|r| r.waiting.is_empty()), "the refused request left nothing");
+    // A request that needs no queue is not limited by the queued ones.
+    let free = t.granted(2, "free", EX);
+    assert_eq!(t.ls.member(2).map(|m| (m.locks, m.pending)), Some((2, 1)));
+    // Nor is a conversion granted in place; one that would wait is refused
+    // and keeps its mode.
+    assert!(matches!(t.conv(2, free, PR, 0), Ok(LockOutcome::Granted(_))));
+    let sh1 = t.granted(1, "shared", PR);
+    assert!(matches!(t.conv(2, free, EX, 0), Ok(LockOutcome::Granted(_))), "nobody else on free");
+    let sh2 = t.granted(2, "shared", PR);
+    assert!(matches!(t.conv(2, sh2, EX, 0), Err(Error::ResourceExhausted(_))));
+    assert_eq!(t.ls.lock(sh2).map(|l| (l.gr, l.rq, l.queue)), Some((Some(PR), PR, Queue::Granted)));
     assert!(matches!(t.req(1, "d", EX, 0), Err(Error::ResourceExhausted(_))), "lock limit");
+    assert!(matches!(t.conv(1, sh1, EX, 0), Ok(LockOutcome::Queued(_))), "node 1 has room to wait");
 }
 
 #[test]
@@ -680,6 +692,40 @@ fn restart_grace_reclaim_and_barrier() {
         }]
     );
     assert!(!ls3.in_grace());
+}
+
+#[test]
+fn the_last_member_back_reclaims_before_grace_ends() {
+    let mut t = T::new(&[1, 2]);
+    let a = t.granted(1, "a", EX);
+    let b = t.granted(2, "b", EX);
+    let members: Vec<Member> = t.ls.members().cloned().collect();
+    let mut fx = vec![];
+    let saved = Saved { generation: t.ls.generation(), members, recoveries: vec![], lvbs: vec![] };
+    let mut ls = Lockspace::restore("c:fs", 2, Limits::default(), saved, &mut fx);
+    ls.join(1, "", &mut fx).unwrap();
+    assert!(ls.reclaim(1, &[(a, b"a", Some(EX))], &mut fx).is_empty());
+    // Node 1 wants b meanwhile: it waits (grace).
+    let r = LockReq { resource: b"b", mode: Some(EX), ..Default::default() };
+    let LockOutcome::Queued(w) = ls.request(1, &r, &mut fx).unwrap() else { panic!() };
+    // Node 2, the last one expected, comes back: its reclaim is accepted and
+    // only then does grace end; node 1's request keeps waiting behind it.
+    fx.clear();
+    ls.join(2, "", &mut fx).unwrap();
+    assert!(ls.in_grace(), "not before the reclaim");
+    assert!(ls.reclaim(2, &[(b, b"b", Some(EX))], &mut fx).is_empty());
+    assert!(!ls.in_grace());
+    assert!(!fx.iter().any(|e| matches!(e, Effect::Completion { lock_id, .. } if *lock_id == w)));
+    assert_eq!(ls.lock(w).map(|l| l.queue), Some(Queue::Waiting));
+    // With nothing to reclaim, the (empty) reclaim still ends grace.
+    let members: Vec<Member> = ls.members().cloned().collect();
+    let mut ls2 = Lockspace::restore("c:fs", 3, Limits::default(), Saved { members, ..Default::default() }, &mut fx);
+    ls2.join(1, "", &mut fx).unwrap();
+    ls2.reclaim(1, &[], &mut fx);
+    assert!(ls2.in_grace(), "node 2 is still expected");
+    ls2.join(2, "", &mut fx).unwrap();
+    ls2.reclaim(2, &[], &mut fx);
+    assert!(!ls2.in_grace());
 }
 
 #[test]

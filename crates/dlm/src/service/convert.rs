@@ -58,7 +58,26 @@ pub fn recovery(r: &RecoveryRecord) -> pb::Recovery {
         failed_at_unix_ms: r.failed_at_ms,
         fenced_at_unix_ms: r.fenced_at_ms,
         generation: r.generation,
+        ..Default::default()
     }
+}
+
+/// A recovery as the Dump shows it: with its fencing attempts and, while it is
+/// at FENCING, what the fence client saw last.
+pub fn recovery_dump(shared: &Shared, ls: &str, r: &RecoveryRecord) -> pb::Recovery {
+    let mut p = recovery(r);
+    p.fence_attempts = r.attempt + u32::from(r.state >= RecoveryState::Fencing);
+    p.reason = r.reason.clone();
+    if r.state == RecoveryState::Fencing {
+        p.fence_request_id = r.fence_request_id(ls);
+        if let Some(f) = shared.fence_progress(ls, r.node, r.generation) {
+            p.fence_calls = f.calls;
+            p.last_error = f.last_error;
+            p.last_error_unix_ms = f.last_error_unix_ms;
+            p.last_call_unix_ms = f.last_call_unix_ms;
+        }
+    }
+    p
 }
 
 /// State of every lockspace (or the one named), optionally with its resources.
@@ -74,10 +93,9 @@ pub fn dump(shared: &Arc<Shared>, only: &str, locks: bool) -> pb::DumpReply {
         let members = core
             .members()
             .map(|m| {
-                let (sid, lease) = shared
-                    .lease_remaining(&ls.name, m.node)
-                    .filter(|_| m.state == crate::core::MemberState::Active)
-                    .unwrap_or((0, std::time::Duration::ZERO));
+                let sess = shared.session_of(&ls.name, m.node).filter(|_| m.state == crate::core::MemberState::Active);
+                let (sid, lease) = sess.as_ref().map(|s| (s.id, s.lease_left())).unwrap_or((0, std::time::Duration::ZERO));
+                let (pushed, sent, acked) = sess.as_ref().map(|s| s.outbox.counts()).unwrap_or_default();
                 pb::MemberDump {
                     node_id: m.node,
                     session_id: sid,
@@ -88,10 +106,13 @@ pub fn dump(shared: &Arc<Shared>, only: &str, locks: bool) -> pb::DumpReply {
                     locks_held: m.locks as u64,
                     generation: m.inc,
                     pending: m.pending as u64,
+                    events_queued: pushed.saturating_sub(sent),
+                    events_sent: sent,
+                    events_confirmed: acked,
                 }
             })
             .collect();
-        let recoveries = core.recoveries().map(recovery).collect();
+        let recoveries = core.recoveries().map(|r| recovery_dump(shared, &ls.name, r)).collect();
         let mut resources = Vec::new();
         if locks {
             let mut names: Vec<_> = core.resources().map(|(k, _)| k.clone()).collect();

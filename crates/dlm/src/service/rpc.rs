@@ -4,15 +4,16 @@
 use super::convert;
 use super::outbox::{closed_event, Outbox};
 use super::{Session, Shared};
-use crate::core::{LockReq, MAX_LVB, MAX_NAME};
+use crate::core::{LockOutcome, LockReq, MAX_LVB, MAX_NAME};
 use crate::error::{Error, Result};
+use crate::metrics::{error_outcome, outcome, FailKind, OpKind};
 use mcfs_proto::dlm::dlm_server::Dlm;
 use mcfs_proto::dlm::event::Kind;
 use mcfs_proto::dlm::{
     op_reply, op_request, CancelReply, CancelRequest, DumpReply, DumpRequest, Event, EventsRequest, HeartbeatReply,
     HeartbeatRequest, JoinReply, JoinRequest, LeaveReply, LeaveRequest, LockReply, LockRequest, OpError, OpReply,
-    OpRequest, OpsSummary, RecoveryDoneReply, RecoveryDoneRequest, SessionInfoReply, SessionInfoRequest, UnfenceReply,
-    UnfenceRequest, UnlockReply, UnlockRequest,
+    OpRequest, OpsSummary, RecoveryDoneReply, RecoveryDoneRequest, SessionInfoReply, SessionInfoRequest, StatsReply,
+    StatsRequest, UnfenceReply, UnfenceRequest, UnlockReply, UnlockRequest,
 };
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -76,7 +77,8 @@ impl Shared {
             let info = g.core.join(r.node_id, &r.admin_addr, &mut fx)?;
             let reclaim: Vec<_> =
                 r.reclaim.iter().map(|l| (l.lock_id, l.resource.as_slice(), convert::mode(l.mode).ok())).collect();
-            let refused = if reclaim.is_empty() { Vec::new() } else { g.core.reclaim(r.node_id, &reclaim, &mut fx) };
+            // Always: it also ends the grace window once everyone is back.
+            let refused = g.core.reclaim(r.node_id, &reclaim, &mut fx);
             g.outboxes.insert(r.node_id, outbox);
             // Registered before the lockspace mutex is released, so a failure
             // found by anyone from now on finds the session.
@@ -84,6 +86,7 @@ impl Shared {
             let seq = self.dispatch(&ls, &mut g, fx);
             (info, refused, seq)
         };
+        self.metrics.joins.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             lockspace = %r.lockspace, node = r.node_id, session = sess.id, generation = info.generation,
             reclaimed = r.reclaim.len() - refused.len(), refused = refused.len(), "node joined"
@@ -111,8 +114,11 @@ impl Shared {
             g.outboxes.remove(&sess.node);
             let mut fx = Vec::new();
             g.core.leave(sess.node, &mut fx)?;
-            self.dispatch(&sess.ls, &mut g, fx)
+            let seq = self.dispatch(&sess.ls, &mut g, fx);
+            g.prune_queued();
+            seq
         };
+        self.metrics.leaves.fetch_add(1, Ordering::Relaxed);
         sess.outbox.close("left");
         tracing::info!(lockspace = %sess.ls.name, node = sess.node, session = sess.id, "node left");
         Ok(seq)
@@ -121,6 +127,8 @@ impl Shared {
     /// Lock or convert. With `reply_tag`, the reply goes to the session's
     /// outbox right after the state change (Ops stream); else it is returned.
     fn lock_op(self: &Arc<Self>, sess: &Arc<Session>, r: &LockRequest, reply_tag: Option<u64>) -> Result<(LockReply, u64)> {
+        let t0 = Instant::now();
+        let kind = if r.flags & crate::core::flags::CONVERT != 0 { OpKind::Convert } else { OpKind::Lock };
         // Checked here as well as in the core so that nothing oversized is
         // even looked at; an error still gets its reply on the Ops stream.
         let check = if r.resource.len() > MAX_NAME {
@@ -142,6 +150,20 @@ impl Shared {
         let mut fx = Vec::new();
         let res = check.and_then(|()| g.core.request(sess.node, &req, &mut fx));
         let seq = self.persist(&sess.ls, &fx);
+        let o = match &res {
+            Ok(LockOutcome::Granted(_)) => {
+                self.metrics.grant_latency[0].observe(t0.elapsed());
+                outcome::GRANTED
+            }
+            Ok(LockOutcome::Queued(id)) => {
+                g.queued_at.insert(*id, t0);
+                outcome::QUEUED
+            }
+            Ok(LockOutcome::WouldBlock(_)) => outcome::WOULD_BLOCK,
+            Ok(LockOutcome::Deadlock(_)) => outcome::DEADLOCK,
+            Err(e) => error_outcome(e),
+        };
+        self.metrics.op(kind, o);
         let res = res.map(|o| convert::lock_reply(&o));
         if let Some(tag) = reply_tag {
             sess.outbox.push(self.store.written(), Kind::Reply(op_reply_of(tag, res.clone().map(op_reply::Result::Lock))));
@@ -155,6 +177,7 @@ impl Shared {
         let mut fx = Vec::new();
         let lvb = (!r.lvb.is_empty()).then_some(r.lvb.as_slice());
         let res = g.core.unlock(sess.node, r.lock_id, lvb, r.flags, &mut fx);
+        self.metrics.op(OpKind::Unlock, res.as_ref().map_or_else(error_outcome, |_| outcome::OK));
         let seq = self.persist(&sess.ls, &fx);
         if let Some(tag) = reply_tag {
             let rep = res.clone().map(|_| op_reply::Result::Unlock(UnlockReply {}));
@@ -168,6 +191,12 @@ impl Shared {
         let mut g = sess.ls.lock();
         let mut fx = Vec::new();
         let res = g.core.cancel(sess.node, r.lock_id, &mut fx);
+        let o = match &res {
+            Ok(true) => outcome::CANCELED,
+            Ok(false) => outcome::NOT_PENDING,
+            Err(e) => error_outcome(e),
+        };
+        self.metrics.op(OpKind::Cancel, o);
         let seq = self.persist(&sess.ls, &fx);
         if let Some(tag) = reply_tag {
             let rep = res.clone().map(|c| op_reply::Result::Cancel(CancelReply { canceled: c }));
@@ -204,7 +233,7 @@ impl Shared {
             let batch = tokio::select! {
                 b = sess.outbox.next_batch() => b,
                 _ = tx.closed() => {
-                    self.fail_session(&sess, "events stream dropped");
+                    self.fail_session_as(&sess, "events stream dropped", FailKind::StreamDropped);
                     return;
                 }
             };
@@ -216,9 +245,10 @@ impl Shared {
                     }
                 }
                 if tx.send(Ok(ev)).await.is_err() {
-                    self.fail_session(&sess, "events stream dropped");
+                    self.fail_session_as(&sess, "events stream dropped", FailKind::StreamDropped);
                     return;
                 }
+                sess.outbox.sent_one();
             }
             if let Some(reason) = batch.closed {
                 let _ = tx.send(Ok(closed_event(&reason))).await;
@@ -252,8 +282,10 @@ impl Dlm for DlmService {
     }
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
-        let sess = self.shared.session(req.into_inner().session_id)?;
+        let r = req.into_inner();
+        let sess = self.shared.session(r.session_id)?;
         sess.renew(Duration::from_millis(self.shared.cfg.lease_ms.into()));
+        sess.outbox.confirm(r.events_received);
         let generation = sess.ls.lock().core.generation();
         Ok(Response::new(HeartbeatReply { generation, lease_ms: self.shared.cfg.lease_ms }))
     }
@@ -276,6 +308,12 @@ impl Dlm for DlmService {
         let mut n = 0u64;
         while let Some(msg) = stream.message().await? {
             n += 1;
+            // Back-pressure: a client that does not read its replies stops
+            // being read (its flow-control window fills), instead of growing
+            // its queue; the reaper evicts it if that lasts.
+            if let Some(s) = &sess {
+                s.outbox.wait_room().await;
+            }
             let sid = match &msg.op {
                 Some(op_request::Op::Lock(r)) => r.session_id,
                 Some(op_request::Op::Unlock(r)) => r.session_id,
@@ -348,6 +386,10 @@ impl Dlm for DlmService {
         let ((), seq) = self.shared.with_core(&sess, |c, fx| c.set_session_info(node, r.journal, &r.admin_addr, fx))?;
         self.shared.flushed(seq).await?;
         Ok(Response::new(SessionInfoReply {}))
+    }
+
+    async fn stats(&self, _req: Request<StatsRequest>) -> Result<Response<StatsReply>, Status> {
+        Ok(Response::new(super::stats(&self.shared)))
     }
 
     async fn dump(&self, req: Request<DumpRequest>) -> Result<Response<DumpReply>, Status> {

@@ -52,7 +52,7 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=error"));
     let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
         b.json().init();
@@ -165,7 +165,13 @@ fn run(cfg: Config) -> Result<(), String> {
             mcfs_dlm::Error::FailedPrecondition(m) => format!("the lock server refused node {}: {m}", cfg.node_id),
             other => format!("cannot join lockspace {} at {addr}: {other} (is mcfs-dlm running there, with the same secret?)", sb.table()),
         })?;
-        rt.spawn(mcfs_node::lock_dlm::run_events(events, fs_cell.clone(), c.clone()));
+        let ctx = Arc::new(mcfs_node::lock_dlm::RecoveryCtx {
+            dev: dev.clone(),
+            sb: sb.clone(),
+            node_id: cfg.node_id,
+            budget: mcfs_node::icache::budget::Budget::new(64 << 20),
+        });
+        rt.spawn(mcfs_node::lock_dlm::run_events(events, fs_cell.clone(), c.clone(), ctx));
         client = Some(c.clone());
         Arc::new(DlmBackend::new(c, rt.handle().clone()))
     };

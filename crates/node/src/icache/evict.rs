@@ -382,7 +382,9 @@ impl Fs {
     pub(crate) fn start_deallocator(self: &Arc<Self>) {
         let me = Arc::downgrade(self);
         let _ = std::thread::Builder::new().name("deallocator".into()).spawn(move || {
-            let mut last_scan = Instant::now();
+            // the first scan right after mount: crash leftovers (journals were
+            // just replayed) are found without waiting for the period
+            let mut last_scan = Instant::now() - Duration::from_secs(29);
             loop {
                 let Some(fs) = me.upgrade() else { return };
                 if fs.is_stopping() || fs.is_withdrawn() {
@@ -400,7 +402,7 @@ impl Fs {
                     return;
                 }
                 fs.run_deferred(None, true);
-                if last_scan.elapsed() >= Duration::from_secs(30) {
+                if last_scan.elapsed() >= Duration::from_secs(30) || fs.icache.scan_requested.swap(false, Ordering::AcqRel) {
                     last_scan = Instant::now();
                     if let Err(e) = fs.orphan_scan() {
                         tracing::warn!("orphan scan: {e}");

@@ -135,6 +135,8 @@ pub struct ICache {
     /// What reclaim is blocked on right now (sync mode shows the deadlock).
     pub(crate) reclaim_blocked: Mutex<Option<(String, Instant)>>,
     pub(crate) kernel: Mutex<Option<Arc<dyn KernelNotify>>>,
+    /// Ask the deallocator for an orphan scan now (after a journal replay).
+    pub scan_requested: AtomicBool,
 }
 
 /// Lets the filesystem ask the kernel to drop its references (FUSE
@@ -157,6 +159,7 @@ impl ICache {
             stats: Mutex::new(EvictStats { evict_mode: mode.as_str().into(), ..Default::default() }),
             reclaim_blocked: Mutex::new(None),
             kernel: Mutex::new(None),
+            scan_requested: AtomicBool::new(false),
         }
     }
 
@@ -234,6 +237,13 @@ impl ICache {
         let mut v: Vec<Arc<Inode>> = m.values().cloned().collect();
         v.sort_by_key(|i| i.last_used.load(Ordering::Relaxed));
         v
+    }
+
+    /// Request an orphan scan soon (a replayed journal may have left unlinked
+    /// inodes whose deallocation the dead node never finished).
+    pub fn request_scan(&self) {
+        self.scan_requested.store(true, Ordering::Release);
+        self.deferred_cv.notify_all();
     }
 
     pub fn deferred_blocks(&self) -> u64 {
