@@ -264,8 +264,7 @@ impl Drop for TestCluster {
             if std::env::var_os("MCFS_KEEP_FAILED").is_some() {
                 // debugging: leave the cluster running for inspection
                 eprintln!("MCFS_KEEP_FAILED: cluster left running in {}", self.c.f.dir.display());
-                let d = tempfile::TempDir::into_path(std::mem::replace(&mut self.dir, tempdir()));
-                let _ = d;
+                let _kept = std::mem::replace(&mut self.dir, tempdir()).keep();
                 return;
             }
         }
