@@ -533,23 +533,31 @@ impl GlockTable {
         let gl = self.get(name);
         if let LockName::Iopen(ino) = name {
             // Holding iopen shared means "in memory here": the owner decides
-            // whether to let go (evict) or keep the duty to deallocate. An
-            // exclusive hold left over from a deallocation attempt is demoted
-            // to shared (or dropped) like any other glock.
-            let held_ex = {
+            // whether to let go (evict) or keep the duty to deallocate. An idle
+            // cached iopen lock, or an exclusive one left over from a
+            // deallocation attempt, is demoted like any other glock (EX under
+            // shared holders goes to PR).
+            let (queue, in_memory) = {
                 let mut st = gl.lock_st();
-                let ex = st.granted.is_some_and(|g| g.0 == lock_id && g.1 == Mode::EX);
-                if ex {
+                let ours = st.granted.is_some_and(|g| g.0 == lock_id);
+                let in_memory = st.holders_sh > 0 || st.holder_ex;
+                let demotable = ours && (!in_memory || st.granted.is_some_and(|g| g.1 == Mode::EX));
+                if demotable {
                     st.demote = Some(st.demote.map_or(mode, |d| d.max(mode)));
                     st.demote_since.get_or_insert_with(Instant::now);
+                } else if !ours {
+                    let mut e = self.early.lock().unwrap_or_else(|p| p.into_inner());
+                    e.insert(lock_id, (mode, Instant::now()));
                 }
-                ex && !st.busy && !st.holder_ex
+                (demotable && !st.busy && !st.holder_ex, in_memory)
             };
-            if held_ex {
+            if queue {
                 self.queue_demote(name);
             }
-            if let Some(ops) = self.ops() {
-                ops.iopen_wanted(ino);
+            if in_memory {
+                if let Some(ops) = self.ops() {
+                    ops.iopen_wanted(ino);
+                }
             }
             return;
         }

@@ -125,7 +125,9 @@ struct DeallocLocks {
 impl Fs {
     fn get_lock(&self, ctx: &Ctx<'_>, name: LockName, mode: Mode) -> Result<Holder> {
         match ctx {
-            Ctx::NoSleep => self.glocks.try_acquire(name, mode),
+            // try, but tell the holder someone wants it: an idle cached lock
+            // elsewhere is then given up and the next retry succeeds
+            Ctx::NoSleep => self.glocks.try_acquire_bast(name, mode),
             Ctx::Sleep(ms) => {
                 // try first so that waiting shows up only when it happens
                 match self.glocks.try_acquire(name, mode) {
@@ -175,7 +177,7 @@ impl Fs {
                 Action::WriteBackThenDrop => {
                     self.log.sync_owner(LockName::Inode(ino))?;
                     self.bufs.invalidate(LockName::Inode(ino));
-                    inode.iopen.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    self.release_iopen(inode);
                     self.icache.bump(|s| s.written_back += 1);
                     return Ok(Evicted::WrittenBack);
                 }
@@ -187,7 +189,7 @@ impl Fs {
                     if !self.log_has_owner(LockName::Inode(ino)) {
                         self.bufs.invalidate(LockName::Inode(ino));
                     }
-                    inode.iopen.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    self.release_iopen(inode);
                     self.icache.bump(|s| s.dropped_clean += 1);
                     return Ok(Evicted::Dropped);
                 }
@@ -200,6 +202,13 @@ impl Fs {
         self.try_deallocate(ino, generation, ctx)
     }
 
+    /// The inode leaves this node's memory: its iopen lock goes too (a cached
+    /// iopen lock would make other nodes believe it is still in use here).
+    fn release_iopen(&self, inode: &Arc<Inode>) {
+        inode.iopen.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.glocks.unlock_idle(LockName::Iopen(inode.ino));
+    }
+
     fn log_has_owner(&self, owner: LockName) -> bool {
         // Conservative: the log does not index by owner; any pending work with
         // buffers of this owner cached counts as dirty.
@@ -209,8 +218,20 @@ impl Fs {
     /// The iopen / inode / rgrp dance and the deallocation itself. Used by
     /// eviction and by the deallocator for deferred records.
     fn try_deallocate(&self, ino: u64, generation: u64, ctx: &Ctx<'_>) -> Result<Evicted> {
+        let attempts = self.icache.deferred.lock().unwrap_or_else(|p| p.into_inner()).get(&ino).map_or(0, |d| d.attempts);
+        let r = self.try_deallocate_locked(ino, generation, ctx, attempts);
+        // whatever happened, this node no longer has the inode in memory
+        self.glocks.unlock_idle(LockName::Iopen(ino));
+        r
+    }
+
+    fn try_deallocate_locked(&self, ino: u64, generation: u64, ctx: &Ctx<'_>, attempts: u32) -> Result<Evicted> {
         let iopen = match self.glocks.try_acquire_bast(LockName::Iopen(ino), Mode::EX) {
             Ok(h) => h,
+            // Another node has it in memory, or just cached the lock (the
+            // callback we asked for makes an idle one let go): look again a
+            // few times before leaving the duty to that node.
+            Err(FsError::WouldBlock) if attempts < 3 => return Ok(self.defer(ino, generation, 0, format!("{} (held by another node)", LockName::Iopen(ino)))),
             Err(FsError::WouldBlock) => {
                 self.icache.bump(|s| s.handed_to_other_node += 1);
                 return Ok(Evicted::HandedOff);
