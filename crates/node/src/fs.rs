@@ -270,14 +270,21 @@ impl Fs {
     fn start_flusher(self: &Arc<Self>) {
         let me = Arc::downgrade(self);
         let every = self.opts.flush_interval;
-        let _ = std::thread::Builder::new().name("log-flush".into()).spawn(move || loop {
-            std::thread::sleep(every);
-            let Some(fs) = me.upgrade() else { return };
-            if fs.is_stopping() || fs.is_withdrawn() {
-                return;
-            }
-            if let Err(e) = fs.log.flush().and_then(|_| fs.log.maybe_checkpoint()) {
-                fs.withdraw(&format!("background log flush failed: {e}"));
+        let _ = std::thread::Builder::new().name("log-flush".into()).spawn(move || {
+            let mut n = 0u64;
+            loop {
+                std::thread::sleep(every);
+                let Some(fs) = me.upgrade() else { return };
+                if fs.is_stopping() || fs.is_withdrawn() {
+                    return;
+                }
+                n += 1;
+                // flush every period; write journaled blocks back in place every
+                // fifth, so their in-memory copies do not pile up in the budget
+                let r = fs.log.flush().and_then(|_| if n % 5 == 0 { fs.log.checkpoint_if_any() } else { fs.log.maybe_checkpoint() });
+                if let Err(e) = r {
+                    fs.withdraw(&format!("background log flush failed: {e}"));
+                }
             }
         });
     }

@@ -173,7 +173,8 @@ pub static SLEEP_VIOLATIONS: AtomicU64 = AtomicU64::new(0);
 /// the deallocator task, unmount, recovery. Reclaim never holds one.
 #[derive(Debug)]
 pub struct MaySleep {
-    _p: (),
+    /// Made for `--evict=sync`: allowed to sleep even inside reclaim.
+    gfs2_compat: bool,
 }
 
 impl MaySleep {
@@ -183,12 +184,12 @@ impl MaySleep {
             SLEEP_VIOLATIONS.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        Some(MaySleep { _p: () })
+        Some(MaySleep { gfs2_compat: false })
     }
     /// Only for `--evict=sync`: the GFS2-like behaviour, kept so the seed deadlock
     /// can be reproduced. Reclaim then blocks on cluster locks on purpose.
     pub fn gfs2_compat_from_reclaim() -> MaySleep {
-        MaySleep { _p: () }
+        MaySleep { gfs2_compat: true }
     }
 }
 
@@ -393,28 +394,29 @@ impl GlockTable {
     }
 
     /// Blocking acquire: waits for local and remote conflicts.
-    pub fn acquire(&self, name: LockName, mode: Mode, _ctx: &MaySleep) -> Result<Holder> {
-        self.acquire_flags(name, mode, 0, true)
+    pub fn acquire(&self, name: LockName, mode: Mode, ctx: &MaySleep) -> Result<Holder> {
+        self.acquire_flags(name, mode, 0, if ctx.gfs2_compat { Sleep::EvenInReclaim } else { Sleep::Yes })
     }
 
     /// Acquire for recovery of a dead node's journal (NOEXP).
     pub fn acquire_noexp(&self, name: LockName, mode: Mode, _ctx: &MaySleep) -> Result<Holder> {
-        self.acquire_flags(name, mode, flags::NOEXP, true)
+        self.acquire_flags(name, mode, flags::NOEXP, Sleep::Yes)
     }
 
     /// Try-acquire: never waits for another node. Returns `WouldBlock` when the
     /// lock is held elsewhere (or locally in a conflicting mode). Safe from reclaim.
     pub fn try_acquire(&self, name: LockName, mode: Mode) -> Result<Holder> {
-        self.acquire_flags(name, mode, flags::NOQUEUE, false)
+        self.acquire_flags(name, mode, flags::NOQUEUE, Sleep::No)
     }
 
     /// Try-acquire that also tells the holders someone wants it (iopen protocol).
     pub fn try_acquire_bast(&self, name: LockName, mode: Mode) -> Result<Holder> {
-        self.acquire_flags(name, mode, flags::NOQUEUE | flags::NOQUEUEBAST, false)
+        self.acquire_flags(name, mode, flags::NOQUEUE | flags::NOQUEUEBAST, Sleep::No)
     }
 
-    fn acquire_flags(&self, name: LockName, mode: Mode, fl: u32, may_sleep: bool) -> Result<Holder> {
-        if may_sleep && in_reclaim() {
+    fn acquire_flags(&self, name: LockName, mode: Mode, fl: u32, sleep: Sleep) -> Result<Holder> {
+        let may_sleep = sleep != Sleep::No;
+        if sleep == Sleep::Yes && in_reclaim() {
             SLEEP_VIOLATIONS.fetch_add(1, Ordering::Relaxed);
             return Err(FsError::WouldBlock);
         }
@@ -780,6 +782,15 @@ impl GlockTable {
         let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
         m.get(&name).and_then(|gl| gl.lock_st().granted.map(|g| g.1))
     }
+}
+
+/// Whether an acquire may wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sleep {
+    No,
+    Yes,
+    /// `--evict=sync` only: waits even from reclaim (GFS2's behaviour).
+    EvenInReclaim,
 }
 
 fn add_holder(st: &mut GlState, mode: Mode) {

@@ -424,6 +424,22 @@ impl Log {
         Ok(())
     }
 
+    /// Write everything journaled back in place and move the tail, if there is
+    /// anything (periodic write-back; memory reclaim of journal copies).
+    pub fn checkpoint_if_any(&self) -> Result<()> {
+        if self.lock().ail.is_empty() {
+            return Ok(());
+        }
+        let _w = self.flush_lock.write().unwrap_or_else(|p| p.into_inner());
+        self.flush_locked(false, false)?;
+        self.checkpoint_locked()
+    }
+
+    /// Bytes of journal copies held in memory awaiting write-back.
+    pub fn ail_bytes(&self) -> u64 {
+        self.lock().ail.values().map(|a| a.image.len() as u64).sum()
+    }
+
     /// The newest journaled-but-not-written-back image of a block, if any (a
     /// reader must see it rather than the stale copy in place).
     pub fn ail_image(&self, blkno: u64) -> Option<Arc<Vec<u8>>> {

@@ -26,8 +26,8 @@
 //! All work happens below /w so that deleting it returns the root directory
 //! to its initial (inline, empty) state.
 //!
-//! Cases: MCFS_MODEL_CASES (default 16), operations per case up to
-//! MCFS_MODEL_OPS (default 48). Failing seeds go to
+//! Cases: MCFS_MODEL_CASES (default 48), operations per case up to
+//! MCFS_MODEL_OPS (default 64). Failing seeds go to
 //! crates/node/proptest-regressions/model.txt and are replayed first.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -1509,7 +1509,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
 
 fn config() -> Config {
     Config {
-        cases: env_num("MCFS_MODEL_CASES", 16),
+        cases: env_num("MCFS_MODEL_CASES", 48),
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct("proptest-regressions/model.txt"))),
         max_shrink_iters: 2000,
         ..Config::default()
@@ -1518,7 +1518,7 @@ fn config() -> Config {
 
 #[test]
 fn model_matches_library() {
-    let max_ops = env_num("MCFS_MODEL_OPS", 48) as usize;
+    let max_ops = env_num("MCFS_MODEL_OPS", 64) as usize;
     let mut runner = proptest::test_runner::TestRunner::new(config());
     let r = runner.run(&prop::collection::vec(op(), 1..=max_ops), |ops| run(&ops));
     print_stats();
@@ -1657,4 +1657,44 @@ fn unlink_of_an_uncached_inode_deallocates_it() {
     let st = fs.statfs_op().unwrap();
     fs.unmount().unwrap();
     assert_eq!((st.unlinked_inodes, st.bfree), (0, free0), "unlinked inodes and free blocks right after the unlink");
+}
+
+/// Under memory pressure a log flush deadlocks its own thread: `flush_locked`
+/// charges each journaled image to the budget while it holds the log's
+/// `inner` mutex (log.rs, the loop that fills the AIL); a charge over the
+/// limit reclaims in the same thread, eviction reads a dinode through
+/// `read_meta`, which asks `Log::ail_image`, which locks `inner` again. The
+/// background reclaimer and the deallocator then block on the same mutex and
+/// the node hangs. Found by the model with MCFS_TEST_CACHE_MB=1.
+#[test]
+#[ignore = "bug: log flush charges the budget while holding the log mutex; direct reclaim re-enters the log and deadlocks (log.rs flush_locked)"]
+fn log_flush_under_memory_pressure_does_not_deadlock() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let dev = Arc::new(MemDevice::from_vec(image().to_vec(), 512));
+        let o = mcfs_node::MountOptions { cache_mem: 1 << 20, ..common::opts() };
+        let fs = common::mount_with(dev, o).unwrap();
+        let root = fs.root_ino();
+        let mut res = Ok(());
+        for i in 0..2000 {
+            let r = fs.create(root, format!("f{i}").as_bytes(), 0o644, Caller::ROOT).and_then(|a| {
+                fs.write(a.ino, 0, &pattern(6000, i))?;
+                fs.release(a.ino);
+                fs.forget(a.ino, 1);
+                if i % 16 == 0 {
+                    fs.fsync(a.ino)?;
+                }
+                Ok(())
+            });
+            if let Err(e) = r {
+                res = Err(format!("file {i}: {e}"));
+                break;
+            }
+        }
+        let _ = tx.send(res.and_then(|_| fs.unmount().map_err(|e| e.to_string())));
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(120)) {
+        Ok(r) => r.unwrap(),
+        Err(_) => panic!("no progress for 120 s: the node is deadlocked"),
+    }
 }

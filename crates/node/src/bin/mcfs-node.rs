@@ -195,6 +195,16 @@ fn run(cfg: Config) -> Result<(), String> {
     start_pressure_watch(&fs);
     tracing::info!(mountpoint = %cfg.mountpoint.display(), device = %cfg.device.display(), admin = %admin_addr, budget, evict = cfg.evict.as_str(), "serving");
 
+    // SIGUSR1: drop unused inodes and clean buffers (like drop_caches).
+    let fsu = fs.clone();
+    rt.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut usr1) = signal(SignalKind::user_defined1()) else { return };
+        while usr1.recv().await.is_some() {
+            let f = fsu.clone();
+            let _ = tokio::task::spawn_blocking(move || f.drop_caches()).await;
+        }
+    });
     // SIGTERM / SIGINT: unmount, which ends the session below cleanly.
     let mp = cfg.mountpoint.clone();
     rt.spawn(async move {

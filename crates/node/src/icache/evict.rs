@@ -465,6 +465,24 @@ impl Fs {
         Ok(found)
     }
 
+    /// Evict every unused inode and drop clean buffers, in a context that may
+    /// sleep (SIGUSR1 to mcfs-node; the kernel's drop_caches for our caches).
+    pub fn drop_caches(&self) -> usize {
+        let Some(ms) = MaySleep::new() else { return 0 };
+        let mut n = 0;
+        for i in self.icache.lru() {
+            if matches!(self.evict_one(&i, &Ctx::Sleep(&ms)), Ok(Evicted::Dropped | Evicted::WrittenBack | Evicted::Deallocated | Evicted::HandedOff)) {
+                n += 1;
+            }
+        }
+        for i in self.icache.all_lru() {
+            i.drop_data();
+        }
+        self.bufs.shrink(u64::MAX);
+        tracing::info!(evicted = n, used = self.budget.used(), "caches dropped");
+        n
+    }
+
     /// Unmount: evict every cached inode (may sleep).
     pub(crate) fn evict_all_for_unmount(&self) -> Result<()> {
         let ms = MaySleep::new().ok_or_else(|| FsError::Other("unmount from reclaim".into()))?;
@@ -572,6 +590,13 @@ impl Reclaimer for Fs {
             }
         };
         let freed = |fs: &Fs| start.saturating_sub(fs.budget.used());
+        // 0. journal copies awaiting write-back: written back under the locks
+        // this node already holds (never from inside a transaction)
+        if !in_tx() && self.log.ail_bytes() > want / 2 {
+            if let Err(e) = self.log.checkpoint_if_any() {
+                self.withdraw(&format!("write-back during reclaim failed: {e}"));
+            }
+        }
         // 1. unused inodes, least recently used first
         for i in self.icache.lru() {
             if freed(self) >= want || self.is_stopping() {

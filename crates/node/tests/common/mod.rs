@@ -21,18 +21,26 @@ pub const BS: u64 = 4096;
 ///
 /// MCFS_TEST_CACHE_MB sets the memory budget (default: the daemon's 256 MiB);
 /// a small one makes reclaim evict inodes and drop cached blocks between and
-/// during operations (the background reclaimer makes such runs timing
-/// dependent).
+/// during operations. MCFS_TEST_FLUSH_MS turns the background flusher on with
+/// that period (it races the operations). Both make runs timing dependent;
+/// the crash test ignores them where flush points must be deterministic.
 pub fn opts() -> MountOptions {
     let mut o = MountOptions { flush_interval: Duration::from_secs(3600), drain_timeout: Duration::from_secs(10), ..Default::default() };
     if let Some(mb) = std::env::var("MCFS_TEST_CACHE_MB").ok().and_then(|v| v.parse::<u64>().ok()) {
         o.cache_mem = mb << 20;
     }
+    if let Some(ms) = std::env::var("MCFS_TEST_FLUSH_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+        o.flush_interval = Duration::from_millis(ms);
+    }
     o
 }
 
 pub fn mount(dev: Arc<dyn BlockDevice>) -> Result<Arc<Fs>, FsError> {
-    let fs = Fs::mount(dev, Arc::new(NoLock::default()), opts())?;
+    mount_with(dev, opts())
+}
+
+pub fn mount_with(dev: Arc<dyn BlockDevice>, o: MountOptions) -> Result<Arc<Fs>, FsError> {
+    let fs = Fs::mount(dev, Arc::new(NoLock::default()), o)?;
     fs.instantiate_root()?;
     Ok(fs)
 }
