@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 
 use mcfs_integration::{wait_for, TestCluster};
+use std::io::Read as _;
 use std::time::Duration;
 
 fn checksum(data: &[u8]) -> u64 {
@@ -80,4 +81,111 @@ fn two_nodes_see_each_other() {
     wait_for("unlink visible on node 2", Duration::from_secs(5), || (!m2.join("dir2/moved").exists()).then_some(())).unwrap();
     tc.c.stop(1).unwrap();
     tc.c.stop(2).unwrap();
+}
+
+fn statvfs_free(p: &std::path::Path) -> u64 {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and out-pointer.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
+    s.f_bfree as u64
+}
+
+#[test]
+fn concurrent_appends_from_two_nodes() {
+    let tc = TestCluster::start(2).unwrap();
+    let (m1, m2) = (tc.mnt(1), tc.mnt(2));
+    fs::create_dir(m1.join("shared")).unwrap();
+    let rounds = 200;
+    // different files, and new files in the same directory, from both nodes at once
+    let h: Vec<_> = [(1u8, m1.clone()), (2u8, m2.clone())]
+        .into_iter()
+        .map(|(n, m)| {
+            std::thread::spawn(move || {
+                let mut f = fs::OpenOptions::new().create(true).append(true).open(m.join(format!("shared/log{n}"))).unwrap();
+                for i in 0..rounds {
+                    f.write_all(format!("node {n} line {i:05}\n").as_bytes()).unwrap();
+                    if i % 10 == 0 {
+                        fs::write(m.join(format!("shared/n{n}-{i}")), format!("{n}:{i}")).unwrap();
+                    }
+                }
+                f.sync_all().unwrap();
+            })
+        })
+        .collect();
+    for t in h {
+        t.join().unwrap();
+    }
+    for (n, m) in [(1u8, &m2), (2u8, &m1)] {
+        let text = fs::read_to_string(m.join(format!("shared/log{n}"))).unwrap();
+        let want: String = (0..rounds).map(|i| format!("node {n} line {i:05}\n")).collect();
+        assert_eq!(text, want, "appends of node {n} seen from the other node");
+    }
+    let mut names: Vec<String> = fs::read_dir(m1.join("shared")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names.len(), 2 + 2 * (rounds / 10));
+    for n in 1..=2 {
+        for i in (0..rounds).step_by(10) {
+            assert_eq!(fs::read_to_string(m2.join(format!("shared/n{n}-{i}"))).unwrap(), format!("{n}:{i}"));
+        }
+    }
+    // the same file appended from both nodes (O_APPEND is atomic per node only;
+    // every line must be there, whole)
+    let h: Vec<_> = [(1u8, m1.clone()), (2u8, m2.clone())]
+        .into_iter()
+        .map(|(n, m)| {
+            std::thread::spawn(move || {
+                for i in 0..100 {
+                    let mut f = fs::OpenOptions::new().create(true).append(true).open(m.join("shared/both")).unwrap();
+                    f.write_all(format!("{n}-{i:04}\n").as_bytes()).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in h {
+        t.join().unwrap();
+    }
+    let text = fs::read_to_string(m1.join("shared/both")).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.sort();
+    let mut want: Vec<String> = (1..=2).flat_map(|n| (0..100).map(move |i| format!("{n}-{i:04}"))).collect();
+    want.sort();
+    assert_eq!(lines, want);
+    tc.c.stop(1).unwrap();
+    tc.c.stop(2).unwrap();
+    let (code, out) = mcfs_integration::fsck(&tc.c.device());
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn unlink_while_open_on_another_node_frees_at_last_close() {
+    let tc = TestCluster::start(2).unwrap();
+    let (m1, m2) = (tc.mnt(1), tc.mnt(2));
+    let free0 = statvfs_free(&m1);
+    let data = vec![0x5au8; 8 << 20];
+    {
+        let mut f = fs::File::create(m1.join("victim")).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+    }
+    let used = free0 - statvfs_free(&m1);
+    assert!(used >= (8 << 20) / 4096, "8 MiB allocated: {used} blocks");
+    // node 2 opens it and keeps reading it
+    let mut f2 = fs::File::open(m2.join("victim")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    f2.read_exact(&mut buf).unwrap();
+    // node 1 unlinks it: the name goes everywhere, the data stays for node 2
+    fs::remove_file(m1.join("victim")).unwrap();
+    assert!(!m2.join("victim").exists());
+    let mut rest = Vec::new();
+    f2.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest.len(), data.len() - 4096, "the open file is still whole on node 2");
+    assert!(statvfs_free(&m1) + 4 < free0, "the blocks may not be freed while node 2 has it open");
+    // last close on node 2: it deallocates
+    drop(f2);
+    wait_for("blocks freed after the last close", Duration::from_secs(30), || (statvfs_free(&m1) + 2 >= free0).then_some(())).unwrap();
+    tc.c.stop(1).unwrap();
+    tc.c.stop(2).unwrap();
+    let (code, out) = mcfs_integration::fsck(&tc.c.device());
+    assert_eq!(code, 0, "{out}");
 }

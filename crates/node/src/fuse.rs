@@ -297,11 +297,12 @@ impl Filesystem for McfsFuse {
         offset: u64,
         data: &[u8],
         _wf: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.fs.write(self.ino(ino), offset, data) {
+        let r = if flags.0 & libc::O_APPEND != 0 { self.fs.append(self.ino(ino), data) } else { self.fs.write(self.ino(ino), offset, data) };
+        match r {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(&e)),
         }
@@ -386,8 +387,8 @@ impl Filesystem for McfsFuse {
         }
     }
 
-    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, _flags: i32, reply: ReplyCreate) {
-        match self.fs.create(self.ino(parent), name.as_bytes(), mode & !umask, caller(req)) {
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        match self.fs.create_open(self.ino(parent), name.as_bytes(), mode & !umask, caller(req), flags & libc::O_EXCL != 0) {
             Ok(a) => reply.created(&TTL, &self.attr(&a), Generation(a.generation), FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(errno(&e)),
         }

@@ -105,7 +105,10 @@ impl Fs {
 
     /// The in-memory inode, which must exist (the kernel holds a lookup on it).
     fn cached(&self, ino: u64) -> Result<Arc<Inode>> {
-        self.icache.get(ino).ok_or(FsError::Stale)
+        match self.icache.get(ino) {
+            Some(i) if !i.gone.load(Ordering::Acquire) => Ok(i),
+            _ => Err(FsError::Stale),
+        }
     }
 
     /// Bring `ino` into memory: iopen shared first (lock order iopen -> inode).
@@ -198,9 +201,13 @@ impl Fs {
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
         self.op(|ms| {
-            self.cached(ino)?;
+            let i = self.cached(ino)?;
             let _h = self.lock(ino, Mode::PR, ms)?;
             let (_, d) = self.dinode(ino)?;
+            if d.nlink == 0 {
+                // removed elsewhere: this node deallocates at its last close
+                i.unlinked.store(true, Ordering::Release);
+            }
             Ok(self.attr_of(&d))
         })
     }
@@ -370,7 +377,26 @@ impl Fs {
         })
     }
 
-    /// Create and open a regular file.
+    /// Create and open a regular file. Without `excl` (O_EXCL) an existing file
+    /// of that name is opened instead: another node may have created it since
+    /// the kernel looked the name up (locally the kernel's directory lock rules
+    /// that race out; across nodes only we can).
+    pub fn create_open(&self, parent: u64, name: &[u8], mode: u32, who: Caller, excl: bool) -> Result<Attr> {
+        let r = self.create(parent, name, mode, who);
+        match r {
+            Err(FsError::Exists) if !excl => {
+                let a = self.lookup(parent, name)?;
+                if a.mode & S_IFMT == S_IFDIR {
+                    self.forget(a.ino, 1);
+                    return Err(FsError::IsDir);
+                }
+                self.open(a.ino)
+            }
+            r => r,
+        }
+    }
+
+    /// Create and open a regular file; `Exists` if the name is taken.
     pub fn create(&self, parent: u64, name: &[u8], mode: u32, who: Caller) -> Result<Attr> {
         self.op(|ms| {
             let (i, d) = self.create_node(parent, name, S_IFREG | (mode & 0o7777), 0, who, None, ms)?;
@@ -775,12 +801,30 @@ impl Fs {
     pub fn release(&self, ino: u64) {
         let Some(i) = self.icache.get(ino) else { return };
         let prev = i.opens.fetch_sub(1.min(i.opens.load(Ordering::Acquire)), Ordering::AcqRel);
-        if prev <= 1 && !i.in_use() && i.unlinked.load(Ordering::Acquire) && !self.is_withdrawn() {
-            if let Some(ms) = MaySleep::new() {
-                if let Err(e) = self.iput_final(ino, &ms) {
-                    tracing::warn!(ino, "final close: {e}");
-                }
+        if prev > 1 || i.opens.load(Ordering::Acquire) > 0 || self.is_withdrawn() {
+            return;
+        }
+        let Some(ms) = MaySleep::new() else { return };
+        // Last close here. Another node may have removed the last name while
+        // we had it open: we then hold the duty to deallocate (iopen protocol).
+        if !i.unlinked.load(Ordering::Acquire) {
+            let nlink = self.glocks.acquire(LockName::Inode(ino), Mode::PR, &ms).and_then(|_h| self.dinode(ino).map(|(_, d)| d.nlink));
+            if matches!(nlink, Ok(0)) {
+                i.unlinked.store(true, Ordering::Release);
             }
+        }
+        if !i.unlinked.load(Ordering::Acquire) {
+            return;
+        }
+        let r = if i.in_use() {
+            // the kernel still caches it (no opens): nobody can reach its data
+            // any more, so deallocate and answer ESTALE to what the kernel asks
+            self.dealloc_closed(&i, &ms)
+        } else {
+            self.iput_final(ino, &ms).map(|_| ())
+        };
+        if let Err(e) = r {
+            tracing::warn!(ino, "final close: {e}");
         }
     }
 
@@ -832,10 +876,22 @@ impl Fs {
     }
 
     pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<usize> {
+        self.write_at(ino, Some(off), data)
+    }
+
+    /// O_APPEND: the offset is the size under the exclusive lock, so appends
+    /// from several nodes never overwrite each other (the kernel's idea of the
+    /// size may be stale).
+    pub fn append(&self, ino: u64, data: &[u8]) -> Result<usize> {
+        self.write_at(ino, None, data)
+    }
+
+    fn write_at(&self, ino: u64, off: Option<u64>, data: &[u8]) -> Result<usize> {
         self.op(|ms| {
             let inode = self.cached(ino)?;
             let _h = self.lock(ino, Mode::EX, ms)?;
             let (b, mut d) = self.dinode(ino)?;
+            let off = off.unwrap_or(d.size);
             if d.is_dir() {
                 return Err(FsError::IsDir);
             }

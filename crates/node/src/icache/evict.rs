@@ -351,6 +351,19 @@ impl Fs {
         Evicted::Deferred(why)
     }
 
+    /// Last close of an unlinked inode that the kernel still caches (it holds
+    /// lookups but no opens): deallocate now, keep the in-memory entry for the
+    /// kernel's references, marked gone.
+    pub(crate) fn dealloc_closed(&self, inode: &Arc<Inode>, ms: &MaySleep) -> Result<()> {
+        inode.drop_data();
+        inode.iopen.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let generation = inode.generation.load(Ordering::Relaxed);
+        if self.try_deallocate(inode.ino, generation, &Ctx::Sleep(ms))? == Evicted::Deallocated {
+            inode.gone.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
     /// Evict an unused inode from a context that may sleep (the iput path:
     /// final forget or release of an unlinked inode).
     pub fn iput_final(&self, ino: u64, ms: &MaySleep) -> Result<Evicted> {
@@ -370,8 +383,8 @@ impl Fs {
         };
         let mut done = 0;
         for d in due {
-            if self.icache.get(d.ino).is_some() {
-                // back in memory here (reopened): its eviction will handle it
+            if self.icache.get(d.ino).is_some_and(|i| i.opens.load(Ordering::Acquire) > 0 && !i.gone.load(Ordering::Acquire)) {
+                // open here again: the last close handles it
                 self.icache.deferred.lock().unwrap_or_else(|p| p.into_inner()).remove(&d.ino);
                 continue;
             }
@@ -381,7 +394,12 @@ impl Fs {
             };
             match self.try_deallocate(d.ino, d.generation, &ctx) {
                 Ok(Evicted::Deferred(_)) => {}
-                Ok(_) => {
+                Ok(outcome) => {
+                    if outcome == Evicted::Deallocated {
+                        if let Some(i) = self.icache.get(d.ino) {
+                            i.gone.store(true, Ordering::Release);
+                        }
+                    }
                     self.icache.deferred.lock().unwrap_or_else(|p| p.into_inner()).remove(&d.ino);
                     self.icache.bump(|s| s.deferred_completed += 1);
                     done += 1;

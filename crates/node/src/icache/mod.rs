@@ -52,6 +52,8 @@ pub struct Inode {
     pub last_used: AtomicU64,
     /// Link count seen zero under the inode glock.
     pub unlinked: AtomicBool,
+    /// Deallocated while the kernel still cached it: every request is ESTALE.
+    pub gone: AtomicBool,
     /// Where the kernel last found it (parent, name): lets us tell the kernel to
     /// forget it when another node wants to delete it.
     pub last_name: Mutex<Option<(u64, Vec<u8>)>>,
@@ -198,6 +200,7 @@ impl ICache {
             data: Mutex::new(BTreeMap::new()),
             last_used: AtomicU64::new(self.tick.fetch_add(1, Ordering::Relaxed)),
             unlinked: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
             last_name: Mutex::new(None),
             _charge: charge,
         });
