@@ -61,9 +61,15 @@ pub struct Args {
     /// Minimum glock hold time in milliseconds.
     #[arg(long)]
     pub min_hold_ms: Option<u64>,
+    /// Serve Prometheus metrics on this address (GET /metrics).
+    #[arg(long)]
+    pub metrics: Option<String>,
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 /// The TOML file: the same keys as the flags, with underscores.
@@ -85,6 +91,7 @@ pub struct FileConfig {
     pub pid_file: Option<PathBuf>,
     pub threads: Option<usize>,
     pub min_hold_ms: Option<u64>,
+    pub metrics: Option<String>,
 }
 
 /// A complete, checked configuration.
@@ -106,6 +113,7 @@ pub struct Config {
     pub pid_file: Option<PathBuf>,
     pub threads: usize,
     pub min_hold: Duration,
+    pub metrics: Option<String>,
     pub log_json: bool,
 }
 
@@ -235,6 +243,7 @@ impl Args {
             pid_file: self.pid_file.or(f.pid_file),
             threads: self.threads.or(f.threads).unwrap_or(8).clamp(1, 64),
             min_hold: Duration::from_millis(self.min_hold_ms.or(f.min_hold_ms).unwrap_or(10)),
+            metrics: self.metrics.or(f.metrics),
             log_json: self.log_json,
         })
     }

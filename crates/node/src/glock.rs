@@ -350,6 +350,12 @@ pub struct GlockTable {
     /// lock server never repeats a callback, so losing one would hang the
     /// waiter forever.
     early: Mutex<HashMap<u64, (Mode, Instant)>>,
+    /// Time lock-manager requests took (grant or refusal), for metrics.
+    pub lock_wait: mcfs_dlm::net::metrics::Histogram,
+    pub requests_total: AtomicU64,
+    pub would_block_total: AtomicU64,
+    pub demotes_total: AtomicU64,
+    pub callbacks_total: AtomicU64,
 }
 
 impl GlockTable {
@@ -366,6 +372,11 @@ impl GlockTable {
             me: me.clone(),
             waiting: Mutex::new(HashMap::new()),
             early: Mutex::new(HashMap::new()),
+            lock_wait: mcfs_dlm::net::metrics::Histogram::new(LOCK_WAIT_BUCKETS),
+            requests_total: AtomicU64::new(0),
+            would_block_total: AtomicU64::new(0),
+            demotes_total: AtomicU64::new(0),
+            callbacks_total: AtomicU64::new(0),
         })
     }
 
@@ -465,7 +476,13 @@ impl GlockTable {
             if may_sleep {
                 self.set_waiting(name, mode, true);
             }
+            let t0 = Instant::now();
             let res = self.backend.lock(&name.resource(), mode, fl);
+            self.lock_wait.observe(t0.elapsed());
+            self.requests_total.fetch_add(1, Ordering::Relaxed);
+            if matches!(res, Err(LockError::WouldBlock)) {
+                self.would_block_total.fetch_add(1, Ordering::Relaxed);
+            }
             self.set_waiting(name, mode, false);
             st = gl.lock_st();
             st.busy = false;
@@ -525,6 +542,7 @@ impl GlockTable {
 
     /// A blocking callback from the lock manager: another node waits for `mode`.
     pub fn blocking_callback(&self, lock_id: u64, res: &[u8], mode: Mode) {
+        self.callbacks_total.fetch_add(1, Ordering::Relaxed);
         let name = match self.by_id.lock().unwrap_or_else(|p| p.into_inner()).get(&lock_id).copied() {
             Some(n) => n,
             None => match LockName::parse(res) {
@@ -638,6 +656,7 @@ impl GlockTable {
         let mut requeue = false;
         st.busy = false;
         st.demotes += 1;
+        self.demotes_total.fetch_add(1, Ordering::Relaxed);
         match (&result, backend_res) {
             (Ok(()), Ok(())) => {
                 if target == Mode::PR {
@@ -783,6 +802,9 @@ impl GlockTable {
         m.get(&name).and_then(|gl| gl.lock_st().granted.map(|g| g.1))
     }
 }
+
+/// Buckets (seconds) of the lock request time histogram: 50 us .. 30 s.
+pub const LOCK_WAIT_BUCKETS: &[f64] = &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 /// Whether an acquire may wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

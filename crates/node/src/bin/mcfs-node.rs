@@ -29,6 +29,7 @@ fn main() -> ExitCode {
         <Args as clap::Parser>::parse()
     };
     let log_json = args.log_json;
+    let check_only = args.check_config;
     let cfg = match args.resolve() {
         Ok(c) => c,
         Err(e) => {
@@ -36,6 +37,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if check_only {
+        println!("configuration ok: node {} mounts {} on {} ({})", cfg.node_id, cfg.device.display(), cfg.mountpoint.display(), if cfg.nolock { "nolock" } else { "dlm" });
+        return ExitCode::SUCCESS;
+    }
     init_logging(log_json);
     if helper {
         // mount(8) waits for its helper: serve from a child, return once mounted.
@@ -193,6 +198,11 @@ fn run(cfg: Config) -> Result<(), String> {
     }
     fs.instantiate_root().map_err(|e| format!("root directory: {e}"))?;
     start_pressure_watch(&fs);
+    if let Some(addr) = &cfg.metrics {
+        let l = rt.block_on(tokio::net::TcpListener::bind(addr)).map_err(|e| format!("metrics address {addr}: {e}"))?;
+        let fsm = fs.clone();
+        rt.spawn(mcfs_dlm::net::metrics::serve(l, std::sync::Arc::new(move || fsm.metrics_text())));
+    }
     tracing::info!(mountpoint = %cfg.mountpoint.display(), device = %cfg.device.display(), admin = %admin_addr, budget, evict = cfg.evict.as_str(), "serving");
 
     // SIGUSR1: drop unused inodes and clean buffers (like drop_caches).
