@@ -151,6 +151,8 @@ impl Fs {
         x.single("mcfs_node_memory_pressure_events_total", "counter", "Memory-pressure notifications from the cgroup.", m.pressure_events as f64);
         x.single("mcfs_node_alloc_wait_longest_seconds", "gauge", "Longest time any allocation waited for memory.", m.longest_alloc_wait_us as f64 / 1e6);
         x.single("mcfs_node_alloc_wait_seconds_total", "counter", "Total time allocations waited for memory.", m.total_alloc_wait_us as f64 / 1e6);
+        x.family("mcfs_node_alloc_wait_seconds", "histogram", "Time each allocation over budget spent reclaiming or waiting for memory.");
+        x.histogram("mcfs_node_alloc_wait_seconds", &[], &self.budget.wait_hist.snapshot());
         x.family("mcfs_node_evictions_total", "counter", "Inode evictions by outcome.");
         x.sample("mcfs_node_evictions_total", &[("outcome", "dropped")], e.dropped_clean as f64);
         x.sample("mcfs_node_evictions_total", &[("outcome", "written_back")], e.written_back as f64);

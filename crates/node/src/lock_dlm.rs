@@ -58,9 +58,22 @@ impl DlmBackend {
     }
 }
 
+/// A try-lock waits this long for the lock manager's answer at most: a hung or
+/// unreachable lock server must not make a NOQUEUE request (memory reclaim's
+/// only kind) sleep. Past it the request counts as "would block" (the client
+/// cancels it, and unlocks it if it was granted anyway).
+pub const TRY_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl LockBackend for DlmBackend {
     fn lock(&self, res: &[u8], mode: Mode, flags: u32) -> Result<BackendGrant, LockError> {
-        let g = self.rt.block_on(self.client.lock(res, to_dlm(mode), flags)).map_err(err)?;
+        let g = if flags & mcfs_dlm::flags::NOQUEUE != 0 {
+            match self.rt.block_on(async { tokio::time::timeout(TRY_TIMEOUT, self.client.lock(res, to_dlm(mode), flags)).await }) {
+                Ok(r) => r.map_err(err)?,
+                Err(_) => return Err(LockError::WouldBlock),
+            }
+        } else {
+            self.rt.block_on(self.client.lock(res, to_dlm(mode), flags)).map_err(err)?
+        };
         Ok(BackendGrant { id: g.lock_id, lvb: g.lvb.unwrap_or_default(), lvb_valid: g.lvb_valid })
     }
     fn convert(&self, id: u64, mode: Mode, flags: u32) -> Result<BackendGrant, LockError> {

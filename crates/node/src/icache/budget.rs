@@ -37,6 +37,10 @@ pub struct BudgetStats {
     pub throttle_waits: u64,
     pub longest_alloc_wait_us: u64,
     pub total_alloc_wait_us: u64,
+    /// Allocations that had to reclaim or wait, and the p99 of those waits
+    /// (upper bound of the histogram bucket).
+    pub alloc_waits: u64,
+    pub alloc_wait_p99_us: u64,
 }
 
 pub struct Budget {
@@ -55,6 +59,8 @@ pub struct Budget {
     longest_wait_us: AtomicU64,
     total_wait_us: AtomicU64,
     stop: AtomicBool,
+    /// Every wait of an allocation (direct reclaim or throttle), for p99.
+    pub wait_hist: mcfs_dlm::net::metrics::Histogram,
 }
 
 /// Usage is charged while this lives.
@@ -99,6 +105,7 @@ impl Budget {
             longest_wait_us: AtomicU64::new(0),
             total_wait_us: AtomicU64::new(0),
             stop: AtomicBool::new(false),
+            wait_hist: mcfs_dlm::net::metrics::Histogram::new(crate::glock::LOCK_WAIT_BUCKETS),
         })
     }
 
@@ -155,6 +162,7 @@ impl Budget {
     }
 
     fn record_wait(&self, d: Duration) {
+        self.wait_hist.observe(d);
         let us = d.as_micros() as u64;
         self.longest_wait_us.fetch_max(us, Ordering::Relaxed);
         self.total_wait_us.fetch_add(us, Ordering::Relaxed);
@@ -236,6 +244,11 @@ impl Budget {
             throttle_waits: self.waits.load(Ordering::Relaxed),
             longest_alloc_wait_us: self.longest_wait_us.load(Ordering::Relaxed),
             total_alloc_wait_us: self.total_wait_us.load(Ordering::Relaxed),
+            alloc_waits: self.wait_hist.snapshot().count,
+            alloc_wait_p99_us: {
+                let q = self.wait_hist.snapshot().quantile_upper_bound(0.99);
+                if q.is_finite() { (q * 1e6) as u64 } else { u64::MAX }
+            },
         }
     }
 }
