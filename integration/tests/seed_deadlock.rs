@@ -16,7 +16,7 @@
 //!    finishes, and A's status says what reclaim is blocked on.
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -53,7 +53,18 @@ fn drop_kernel_caches() {
     fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
 }
 
+/// drop_caches is machine-wide: the two variants (and any other test that
+/// drops the kernel's caches) must not run their setups at the same time.
+fn exclusive() -> std::fs::File {
+    let f = fs::OpenOptions::new().create(true).write(true).truncate(false).open("/tmp/mcfs-drop-caches.lock").unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on an open descriptor.
+    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+    f
+}
+
 struct Setup {
+    _excl: std::fs::File,
     tc: TestCluster,
     fsynced_by_c: Vec<(String, Vec<u8>)>,
     free_before_unlink: u64,
@@ -61,6 +72,7 @@ struct Setup {
 
 /// Steps 1-3; returns with A's budget just under its low watermark.
 fn setup(mode: &str) -> Setup {
+    let excl = exclusive();
     let (dir, mut o) = TestCluster::options(3);
     o.per_node_args.insert(A, vec!["--cache-mem".into(), "3M".into(), "--evict".into(), mode.into()]);
     let tc = TestCluster::up(dir, &o).unwrap();
@@ -77,23 +89,32 @@ fn setup(mode: &str) -> Setup {
     for i in 0..FILES {
         let data: Vec<u8> = (0..16384u32).map(|x| (x as usize * 7 + i) as u8).collect();
         write_sync(&c.join(format!("seed/f{i}")), &data);
+        // a second name: see below
+        fs::hard_link(c.join(format!("seed/f{i}")), c.join(format!("seed/h{i}"))).unwrap();
     }
-    // 2. A opens and reads them all and keeps them open
-    let mut open: Vec<fs::File> = Vec::new();
+    // 2. A reads them all (its cache holds them; none stays open)
     for i in 0..FILES {
-        let mut f = fs::File::open(a.join(format!("seed/f{i}"))).unwrap();
-        let mut v = Vec::new();
-        f.read_to_end(&mut v).unwrap();
-        assert_eq!(v.len(), 16384);
-        open.push(f);
+        assert_eq!(fs::read(a.join(format!("seed/f{i}"))).unwrap().len(), 16384);
     }
     // C forgets them (its kernel and its own cache): only A has them in memory
     drop_kernel_caches();
-    mcfs_cli::proc_util::signal(tc.c.node_pid(C).unwrap(), libc::SIGUSR1);
-    wait_for("C to drop its inodes", Duration::from_secs(10), || (node_status(&tc, C)["eviction"]["cached_inodes"].as_u64().unwrap_or(99) <= 3).then_some(())).unwrap();
-    // B unlinks them while A has them open, then leaves
+    wait_for("C to drop its inodes", Duration::from_secs(10), || {
+        mcfs_cli::proc_util::signal(tc.c.node_pid(C).unwrap(), libc::SIGUSR1);
+        (node_status(&tc, C)["eviction"]["cached_inodes"].as_u64().unwrap_or(99) <= 3).then_some(())
+    })
+    .unwrap();
+    // A's kernel caches them under both names (f last)
+    for i in 0..FILES {
+        fs::metadata(a.join(format!("seed/h{i}"))).unwrap();
+        fs::metadata(a.join(format!("seed/f{i}"))).unwrap();
+    }
+    // B unlinks both names while A has them cached. When B then tries to
+    // deallocate, A is asked to let go: it asks its kernel to drop the name it
+    // knows (f), but the kernel still holds the h dentry, so A reports the
+    // inode in use and keeps the duty; B gives up after its retries.
     for i in 0..FILES {
         fs::remove_file(b.join(format!("seed/f{i}"))).unwrap();
+        fs::remove_file(b.join(format!("seed/h{i}"))).unwrap();
     }
     let free_before_unlink = free0;
     wait_for("B to hand the deallocations over", Duration::from_secs(20), || (node_status(&tc, B)["eviction"]["deferred_now"].as_u64() == Some(0)).then_some(())).unwrap();
@@ -104,8 +125,7 @@ fn setup(mode: &str) -> Setup {
         write_sync(&c.join(format!("seed/c{i}")), &data);
         fsynced.push((format!("seed/c{i}"), data));
     }
-    // 3. A closes them; its kernel forgets them: unused inodes on A's LRU
-    drop(open);
+    // 3. A's kernel forgets them: unused inodes on A's LRU
     drop_kernel_caches();
     wait_for("A to hold the unlinked inodes unused", Duration::from_secs(10), || (node_status(&tc, A)["eviction"]["unused_inodes"].as_u64().unwrap_or(0) >= FILES as u64).then_some(())).unwrap();
     // fill A's budget to just under its low watermark with its own cached
@@ -126,7 +146,7 @@ fn setup(mode: &str) -> Setup {
     assert_eq!(ev["deferred_total"].as_u64(), Some(0), "nothing may have been evicted before the kill: {ev}");
     assert_eq!(st["ops"]["inodes_deallocated"].as_u64(), Some(0), "nothing may have been deallocated before the kill: {st}");
     assert!(st["memory"]["used"].as_u64().unwrap() + (1 << 20) > st["memory"]["limit"].as_u64().unwrap(), "replay's first read must go over the limit: {}", st["memory"]);
-    Setup { tc, fsynced_by_c: fsynced, free_before_unlink }
+    Setup { _excl: excl, tc, fsynced_by_c: fsynced, free_before_unlink }
 }
 
 fn nix_statvfs_free(p: &Path) -> u64 {

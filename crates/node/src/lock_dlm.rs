@@ -50,11 +50,13 @@ fn err(e: mcfs_dlm::Error) -> LockError {
 pub struct DlmBackend {
     pub client: DlmClient,
     rt: tokio::runtime::Handle,
+    /// Until when try-locks fail at once (the lock server did not answer).
+    silent_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl DlmBackend {
     pub fn new(client: DlmClient, rt: tokio::runtime::Handle) -> DlmBackend {
-        DlmBackend { client, rt }
+        DlmBackend { client, rt, silent_until: std::sync::Mutex::new(None) }
     }
 }
 
@@ -62,14 +64,26 @@ impl DlmBackend {
 /// unreachable lock server must not make a NOQUEUE request (memory reclaim's
 /// only kind) sleep. Past it the request counts as "would block" (the client
 /// cancels it, and unlocks it if it was granted anyway).
-pub const TRY_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(100);
+pub const TRY_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(20);
+/// After a try-lock timed out, try-locks fail at once for this long: memory
+/// reclaim meeting a hung lock server pays one timeout a second, not one per
+/// inode.
+pub const TRY_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl LockBackend for DlmBackend {
     fn lock(&self, res: &[u8], mode: Mode, flags: u32) -> Result<BackendGrant, LockError> {
         let g = if flags & mcfs_dlm::flags::NOQUEUE != 0 {
+            let now = std::time::Instant::now();
+            if self.silent_until.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|t| now < t) {
+                return Err(LockError::WouldBlock);
+            }
             match self.rt.block_on(async { tokio::time::timeout(TRY_TIMEOUT, self.client.lock(res, to_dlm(mode), flags)).await }) {
                 Ok(r) => r.map_err(err)?,
-                Err(_) => return Err(LockError::WouldBlock),
+                Err(_) => {
+                    *self.silent_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(now + TRY_BACKOFF);
+                    tracing::warn!("the lock server did not answer a try-lock within {TRY_TIMEOUT:?}; try-locks fail for {TRY_BACKOFF:?}");
+                    return Err(LockError::WouldBlock);
+                }
             }
         } else {
             self.rt.block_on(self.client.lock(res, to_dlm(mode), flags)).map_err(err)?

@@ -36,7 +36,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use common::{pattern, show, Lookups, Obj};
+use common::{env_num, errname, errnames, pattern, show, Lookups, Obj};
 use libc::{EEXIST, EINVAL, EISDIR, ENAMETOOLONG, ENOENT, ENOTDIR, ENOTEMPTY, EPERM};
 use mcfs_blockdev::MemDevice;
 use mcfs_format::dinode::{S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG};
@@ -799,6 +799,30 @@ impl Case {
         self.pick(p, |m, x| m.is_file(x))
     }
 
+    /// Run `f` on the inode at `comps`, looked up from /w as the kernel would
+    /// (and forgotten afterwards).
+    fn at<T>(&self, comps: &[Vec<u8>], f: impl FnOnce(&Fs, u64) -> Res<T>) -> Res<T> {
+        let sut = self.sut();
+        let mut l = Lookups::new(&sut.fs);
+        let ino = sut.resolve(comps, &mut l)?;
+        f(&sut.fs, ino)
+    }
+
+    /// unlink or rmdir `name` in the directory at `parent`; the VFS looks the
+    /// victim up first.
+    fn remove(&self, parent: &[Vec<u8>], name: &[u8], dir: bool) -> Res<()> {
+        let sut = self.sut();
+        self.at(parent, |fs, p| {
+            let mut victim = Lookups::new(fs);
+            sut.touch_victim(p, name, &mut victim);
+            if dir {
+                fs.rmdir(p, name).map_err(errno)
+            } else {
+                fs.unlink(p, name).map_err(errno)
+            }
+        })
+    }
+
     fn compare(&self, what: &str, expect: Expect, got: Res<Out>) -> Result<bool, TestCaseError> {
         note(what.split(' ').next().unwrap_or(what), got.is_ok());
         match (expect, got) {
@@ -865,27 +889,22 @@ impl Case {
                 let what = format!("{what} {}", path_str(&join_comps(&parent, &n)));
                 let target = if let MKind::Symlink(t) = &kind { Some(t.clone()) } else { None };
                 let (expect, new) = self.model.new_entry(&parent, &n, kind, mode);
-                let got = {
-                    let sut = self.sut();
-                    let fs = &sut.fs;
-                    let mut l = Lookups::new(fs);
-                    sut.resolve(&parent, &mut l).and_then(|p| {
-                        let r = match op {
-                            Op::Create { .. } => fs.create(p, &n, 0o644, c),
-                            Op::Mknod { fifo: false, .. } => fs.mknod(p, &n, S_IFREG | 0o600, 0, c),
-                            Op::Mknod { fifo: true, .. } => fs.mknod(p, &n, S_IFIFO | 0o640, 0, c),
-                            Op::Mkdir { .. } => fs.mkdir(p, &n, 0o755, c),
-                            _ => fs.symlink(p, &n, target.as_deref().unwrap_or_default(), c),
-                        }
-                        .map_err(errno)?;
-                        // the kernel's new dentry, and for create the open file
-                        if matches!(op, Op::Create { .. }) {
-                            fs.release(r.ino);
-                        }
-                        fs.forget(r.ino, 1);
-                        Ok(r)
-                    })
-                };
+                let got = self.at(&parent, |fs, p| {
+                    let r = match op {
+                        Op::Create { .. } => fs.create(p, &n, 0o644, c),
+                        Op::Mknod { fifo: false, .. } => fs.mknod(p, &n, S_IFREG | 0o600, 0, c),
+                        Op::Mknod { fifo: true, .. } => fs.mknod(p, &n, S_IFIFO | 0o640, 0, c),
+                        Op::Mkdir { .. } => fs.mkdir(p, &n, 0o755, c),
+                        _ => fs.symlink(p, &n, target.as_deref().unwrap_or_default(), c),
+                    }
+                    .map_err(errno)?;
+                    // the kernel's new dentry, and for create the open file
+                    if matches!(op, Op::Create { .. }) {
+                        fs.release(r.ino);
+                    }
+                    fs.forget(r.ino, 1);
+                    Ok(r)
+                });
                 let ino = got.as_ref().ok().map(|a| a.ino);
                 if self.compare(&what, expect, got.map(|a| attr_out(&a)))? {
                     self.map.insert(new.expect("model made it"), ino.expect("ok"));
@@ -932,18 +951,13 @@ impl Case {
                         (e, what)
                     }
                 };
-                let got = {
-                    let sut = self.sut();
-                    let fs = &sut.fs;
-                    let mut l = Lookups::new(fs);
-                    sut.resolve(&f.full(), &mut l).and_then(|ino| {
-                        let o = resolve_off(*off, fs.getattr(ino).map_err(errno)?.size);
-                        fs.open(ino).map_err(errno)?;
-                        let r = fs.write(ino, o, &pattern(data.len, data.seed)).map_err(errno);
-                        fs.release(ino);
-                        r
-                    })
-                };
+                let got = self.at(&f.full(), |fs, ino| {
+                    let o = resolve_off(*off, fs.getattr(ino).map_err(errno)?.size);
+                    fs.open(ino).map_err(errno)?;
+                    let r = fs.write(ino, o, &pattern(data.len, data.seed)).map_err(errno);
+                    fs.release(ino);
+                    r
+                });
                 let expect = self.steer_short_write(expect, &got, undo);
                 self.compare(&what, expect, got.map(Out::Count))?;
             }
@@ -958,15 +972,10 @@ impl Case {
                         self.model.truncate(i, s)
                     }
                 };
-                let got = {
-                    let sut = self.sut();
-                    let fs = &sut.fs;
-                    let mut l = Lookups::new(fs);
-                    sut.resolve(&f.full(), &mut l).and_then(|ino| {
-                        let s = truncate_size(*size, fs.getattr(ino).map_err(errno)?.size);
-                        fs.setattr(ino, &SetAttr { size: Some(s), ..Default::default() }, c).map_err(errno)
-                    })
-                };
+                let got = self.at(&f.full(), |fs, ino| {
+                    let s = truncate_size(*size, fs.getattr(ino).map_err(errno)?.size);
+                    fs.setattr(ino, &SetAttr { size: Some(s), ..Default::default() }, c).map_err(errno)
+                });
                 self.compare(&what, expect, got.map(|a| attr_out(&a)))?;
             }
             Op::Read { file, off, len } => {
@@ -976,18 +985,13 @@ impl Case {
                     Err(e) => Expect::Err(e),
                     Ok(i) => self.model.read(i, resolve_off(*off, self.model.file_len(i)), *len),
                 };
-                let got = {
-                    let sut = self.sut();
-                    let fs = &sut.fs;
-                    let mut l = Lookups::new(fs);
-                    sut.resolve(&f.full(), &mut l).and_then(|ino| {
-                        let o = resolve_off(*off, fs.getattr(ino).map_err(errno)?.size);
-                        fs.open(ino).map_err(errno)?;
-                        let r = fs.read(ino, o, *len).map_err(errno);
-                        fs.release(ino);
-                        r
-                    })
-                };
+                let got = self.at(&f.full(), |fs, ino| {
+                    let o = resolve_off(*off, fs.getattr(ino).map_err(errno)?.size);
+                    fs.open(ino).map_err(errno)?;
+                    let r = fs.read(ino, o, *len).map_err(errno);
+                    fs.release(ino);
+                    r
+                });
                 self.compare(&what, expect, got.map(Out::Data))?;
             }
             Op::Unlink { entry } | Op::Rmdir { entry } => {
@@ -995,20 +999,7 @@ impl Case {
                 let e = if rmdir { self.pick(*entry, |m, x| m.is_dir(x) || x % 4 == 0) } else { self.pick(*entry, |m, x| !m.is_dir(x) || x % 4 == 0) };
                 let what = format!("{} {}", if rmdir { "rmdir" } else { "unlink" }, path_str(&e.full()));
                 let expect = if rmdir { self.model.rmdir(&e.parent, &e.name) } else { self.model.unlink(&e.parent, &e.name) };
-                let got = {
-                    let sut = self.sut();
-                    let fs = &sut.fs;
-                    let mut l = Lookups::new(fs);
-                    sut.resolve(&e.parent, &mut l).and_then(|p| {
-                        let mut victim = Lookups::new(fs);
-                        sut.touch_victim(p, &e.name, &mut victim);
-                        if rmdir {
-                            fs.rmdir(p, &e.name).map_err(errno)
-                        } else {
-                            fs.unlink(p, &e.name).map_err(errno)
-                        }
-                    })
-                };
+                let got = self.remove(&e.parent, &e.name, rmdir);
                 self.compare(&what, expect, got.map(|_| Out::Unit))?;
             }
             Op::Rename { src, dir, name, flags } => {
@@ -1041,11 +1032,7 @@ impl Case {
                         _ => Expect::Err(vec![EINVAL]),
                     },
                 };
-                let got = {
-                    let sut = self.sut();
-                    let mut l = Lookups::new(&sut.fs);
-                    sut.resolve(&e.full(), &mut l).and_then(|ino| sut.fs.readlink(ino).map_err(errno))
-                };
+                let got = self.at(&e.full(), |fs, ino| fs.readlink(ino).map_err(errno));
                 self.compare(&what, expect, got.map(Out::Data))?;
             }
             Op::Readdir { entry } => {
@@ -1063,11 +1050,7 @@ impl Case {
                         None => Expect::Err(vec![ENOTDIR]),
                     },
                 };
-                let got = {
-                    let sut = self.sut();
-                    let mut l = Lookups::new(&sut.fs);
-                    sut.resolve(&e.full(), &mut l).and_then(|ino| sut.fs.readdir(ino).map_err(errno))
-                };
+                let got = self.at(&e.full(), |fs, ino| fs.readdir(ino).map_err(errno));
                 let got = got.and_then(|v| {
                     let n = v.len();
                     let s: BTreeSet<Vec<u8>> = v.into_iter().map(|d| d.name).collect();
@@ -1089,11 +1072,7 @@ impl Case {
                         Expect::Ok(self.model.attr(i))
                     }
                 };
-                let got = {
-                    let sut = self.sut();
-                    let mut l = Lookups::new(&sut.fs);
-                    sut.resolve(&e.full(), &mut l).and_then(|ino| sut.fs.setattr(ino, &SetAttr { mode: Some(*mode), ..Default::default() }, c).map_err(errno))
-                };
+                let got = self.at(&e.full(), |fs, ino| fs.setattr(ino, &SetAttr { mode: Some(*mode), ..Default::default() }, c).map_err(errno));
                 self.compare(&what, expect, got.map(|a| attr_out(&a)))?;
             }
             Op::Fsync { file } => {
@@ -1103,11 +1082,7 @@ impl Case {
                     Err(e) => Expect::Err(e),
                     Ok(_) => Expect::Ok(Out::Unit),
                 };
-                let got = {
-                    let sut = self.sut();
-                    let mut l = Lookups::new(&sut.fs);
-                    sut.resolve(&f.full(), &mut l).and_then(|ino| sut.fs.fsync(ino).map_err(errno))
-                };
+                let got = self.at(&f.full(), |fs, ino| fs.fsync(ino).map_err(errno));
                 self.compare(&what, expect, got.map(|_| Out::Unit))?;
             }
             Op::Open { file } => {
@@ -1189,16 +1164,11 @@ impl Case {
                     self.fill_next += 1;
                     let what = format!("mknod {}", path_str(&join_comps(&parent, &n)));
                     let (expect, new) = self.model.new_entry(&parent, &n, MKind::File(Vec::new()), S_IFREG | 0o644);
-                    let got = {
-                        let sut = self.sut();
-                        let fs = &sut.fs;
-                        let mut l = Lookups::new(fs);
-                        sut.resolve(&parent, &mut l).and_then(|p| {
-                            let a = fs.mknod(p, &n, S_IFREG | 0o644, 0, c).map_err(errno)?;
-                            fs.forget(a.ino, 1);
-                            Ok(a)
-                        })
-                    };
+                    let got = self.at(&parent, |fs, p| {
+                        let a = fs.mknod(p, &n, S_IFREG | 0o644, 0, c).map_err(errno)?;
+                        fs.forget(a.ino, 1);
+                        Ok(a)
+                    });
                     let ino = got.as_ref().ok().map(|a| a.ino);
                     if self.compare(&what, expect, got.map(|a| attr_out(&a)))? {
                         self.map.insert(new.expect("model made it"), ino.expect("ok"));
@@ -1215,16 +1185,7 @@ impl Case {
                     }
                     let what = format!("unlink {}", path_str(&join_comps(&parent, &n)));
                     let expect = self.model.unlink(&parent, &n);
-                    let got = {
-                        let sut = self.sut();
-                        let fs = &sut.fs;
-                        let mut l = Lookups::new(fs);
-                        sut.resolve(&parent, &mut l).and_then(|pi| {
-                            let mut victim = Lookups::new(fs);
-                            sut.touch_victim(pi, &n, &mut victim);
-                            fs.unlink(pi, &n).map_err(errno)
-                        })
-                    };
+                    let got = self.remove(&parent, &n, false);
                     self.compare(&what, expect, got.map(|_| Out::Unit))?;
                 }
             }
@@ -1361,20 +1322,7 @@ impl Case {
             let dir = self.model.is_dir(i);
             let what = format!("cleanup: {} {}", if dir { "rmdir" } else { "unlink" }, path_str(&path));
             let expect = if dir { self.model.rmdir(&parent, &name) } else { self.model.unlink(&parent, &name) };
-            let got = {
-                let sut = self.sut();
-                let fs = &sut.fs;
-                let mut l = Lookups::new(fs);
-                sut.resolve(&parent, &mut l).and_then(|p| {
-                    let mut victim = Lookups::new(fs);
-                    sut.touch_victim(p, &name, &mut victim);
-                    if dir {
-                        fs.rmdir(p, &name).map_err(errno)
-                    } else {
-                        fs.unlink(p, &name).map_err(errno)
-                    }
-                })
-            };
+            let got = self.remove(&parent, &name, dir);
             self.compare(&what, expect, got.map(|_| Out::Unit))?;
         }
         let sut = self.sut.take().expect("mounted");
@@ -1416,28 +1364,6 @@ fn brief(o: &Out) -> String {
     }
 }
 
-fn errname(e: i32) -> &'static str {
-    match e {
-        ENOENT => "ENOENT",
-        EEXIST => "EEXIST",
-        ENOTDIR => "ENOTDIR",
-        EISDIR => "EISDIR",
-        ENOTEMPTY => "ENOTEMPTY",
-        EINVAL => "EINVAL",
-        EPERM => "EPERM",
-        ENAMETOOLONG => "ENAMETOOLONG",
-        libc::EIO => "EIO",
-        libc::ENOSPC => "ENOSPC",
-        libc::EFBIG => "EFBIG",
-        libc::ESTALE => "ESTALE",
-        _ => "?",
-    }
-}
-
-fn errnames(v: &[i32]) -> String {
-    v.iter().map(|e| errname(*e)).collect::<Vec<_>>().join("|")
-}
-
 /// Outcome counts per operation (printed with MCFS_MODEL_STATS=1, to see what
 /// the generator reaches).
 static STATS: std::sync::Mutex<BTreeMap<String, (u64, u64)>> = std::sync::Mutex::new(BTreeMap::new());
@@ -1461,9 +1387,6 @@ fn print_stats() {
     }
 }
 
-fn env_num(name: &str, default: u32) -> u32 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 /// The fresh filesystem every case starts from. MCFS_MODEL_GEOMETRY picks the
 /// journal and rgrp sizes: "small" (default: a 1 MiB journal, the smallest
@@ -1509,7 +1432,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
 
 fn config() -> Config {
     Config {
-        cases: env_num("MCFS_MODEL_CASES", 48),
+        cases: env_num("MCFS_MODEL_CASES", 48) as u32,
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct("proptest-regressions/model.txt"))),
         max_shrink_iters: 2000,
         ..Config::default()
@@ -1518,7 +1441,7 @@ fn config() -> Config {
 
 #[test]
 fn model_matches_library() {
-    let max_ops = env_num("MCFS_MODEL_OPS", 64) as usize;
+    let max_ops = env_num("MCFS_MODEL_OPS", 64);
     let mut runner = proptest::test_runner::TestRunner::new(config());
     let r = runner.run(&prop::collection::vec(op(), 1..=max_ops), |ops| run(&ops));
     print_stats();

@@ -16,16 +16,30 @@ use mcfs_node::{Fs, FsError, MountOptions};
 
 pub const BS: u64 = 4096;
 
-/// Mount options for tests: no background log flush (it would make the flush
-/// points of a recorded run depend on timing), a short drain at unmount.
+/// Mount options for tests: the background log flush every 5 s (rarely
+/// during a test's few milliseconds of operations; the flusher thread of an
+/// unmounted filesystem only exits when it wakes, so a long period piles up
+/// sleeping threads over thousands of mounts), a short drain at unmount.
 ///
 /// MCFS_TEST_CACHE_MB sets the memory budget (default: the daemon's 256 MiB);
 /// a small one makes reclaim evict inodes and drop cached blocks between and
-/// during operations. MCFS_TEST_FLUSH_MS turns the background flusher on with
-/// that period (it races the operations). Both make runs timing dependent;
-/// the crash test ignores them where flush points must be deterministic.
+/// during operations. MCFS_TEST_FLUSH_MS sets the flusher's period (a short
+/// one races the operations). Both make runs timing dependent; the crash test
+/// stays sound with them (each operation's flush counts are taken before and
+/// after it), it just sees other flush points.
 pub fn opts() -> MountOptions {
-    let mut o = MountOptions { flush_interval: Duration::from_secs(3600), drain_timeout: Duration::from_secs(10), ..Default::default() };
+    opts_flushing_every(Duration::from_secs(5))
+}
+
+/// As [`opts`], with no background flush in practice (an hour): the flush
+/// points of a recorded run then depend only on its operations. One mount per
+/// recorded run, so its sleeping flusher thread does not matter.
+pub fn opts_no_flusher() -> MountOptions {
+    opts_flushing_every(Duration::from_secs(3600))
+}
+
+fn opts_flushing_every(every: Duration) -> MountOptions {
+    let mut o = MountOptions { flush_interval: every, drain_timeout: Duration::from_secs(10), ..Default::default() };
     if let Some(mb) = std::env::var("MCFS_TEST_CACHE_MB").ok().and_then(|v| v.parse::<u64>().ok()) {
         o.cache_mem = mb << 20;
     }
@@ -263,4 +277,31 @@ pub fn type_name(mode: u32) -> &'static str {
         S_IFLNK => "symlink",
         _ => "other",
     }
+}
+
+pub fn env_num(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The name of an errno, for failure messages.
+pub fn errname(e: i32) -> &'static str {
+    match e {
+        libc::ENOENT => "ENOENT",
+        libc::EEXIST => "EEXIST",
+        libc::ENOTDIR => "ENOTDIR",
+        libc::EISDIR => "EISDIR",
+        libc::ENOTEMPTY => "ENOTEMPTY",
+        libc::EINVAL => "EINVAL",
+        libc::EPERM => "EPERM",
+        libc::ENAMETOOLONG => "ENAMETOOLONG",
+        libc::EIO => "EIO",
+        libc::ENOSPC => "ENOSPC",
+        libc::EFBIG => "EFBIG",
+        libc::ESTALE => "ESTALE",
+        _ => "?",
+    }
+}
+
+pub fn errnames(v: &[i32]) -> String {
+    v.iter().map(|e| errname(*e)).collect::<Vec<_>>().join("|")
 }
