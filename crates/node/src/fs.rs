@@ -151,6 +151,7 @@ impl Fs {
         }
         let budget = Budget::new(opts.cache_mem);
         let glocks = GlockTable::new(backend, opts.min_hold);
+        glocks.gfs2_reclaim.store(opts.evict == EvictMode::Sync, Ordering::Relaxed);
         let withdrawn = Arc::new(AtomicBool::new(false));
         let ms = MaySleep::new().ok_or_else(|| FsError::Other("mount from reclaim".into()))?;
 

@@ -339,6 +339,9 @@ pub struct GlockTable {
     backend: Arc<dyn LockBackend>,
     ops: Mutex<Option<Weak<dyn GlockOps>>>,
     demote_q: Mutex<Vec<LockName>>,
+    /// Idle glocks to give up, queued by reclaim (which may not talk to the
+    /// lock manager itself).
+    release_q: Mutex<Vec<LockName>>,
     demote_cv: Condvar,
     pub min_hold: Duration,
     shutdown: std::sync::atomic::AtomicBool,
@@ -350,6 +353,9 @@ pub struct GlockTable {
     /// lock server never repeats a callback, so losing one would hang the
     /// waiter forever.
     early: Mutex<HashMap<u64, (Mode, Instant)>>,
+    /// `--evict=sync`: reclaim behaves as GFS2's: it releases and upgrades
+    /// locks inline, waiting for the lock manager.
+    pub gfs2_reclaim: std::sync::atomic::AtomicBool,
     /// Time lock-manager requests took (grant or refusal), for metrics.
     pub lock_wait: mcfs_dlm::net::metrics::Histogram,
     pub requests_total: AtomicU64,
@@ -366,12 +372,14 @@ impl GlockTable {
             backend,
             ops: Mutex::new(None),
             demote_q: Mutex::new(Vec::new()),
+            release_q: Mutex::new(Vec::new()),
             demote_cv: Condvar::new(),
             min_hold,
             shutdown: false.into(),
             me: me.clone(),
             waiting: Mutex::new(HashMap::new()),
             early: Mutex::new(HashMap::new()),
+            gfs2_reclaim: std::sync::atomic::AtomicBool::new(false),
             lock_wait: mcfs_dlm::net::metrics::Histogram::new(LOCK_WAIT_BUCKETS),
             requests_total: AtomicU64::new(0),
             would_block_total: AtomicU64::new(0),
@@ -461,6 +469,10 @@ impl GlockTable {
             }
             // Need the lock manager. Upgrades release first (no conversion
             // deadlocks between two shared holders), so the cache is dropped too.
+            // That release is a blocking round trip: reclaim does not do it.
+            if st.granted.is_some() && sleep == Sleep::No && in_reclaim() && !self.gfs2_reclaim.load(Ordering::Relaxed) {
+                return Err(FsError::WouldBlock);
+            }
             st.busy = true;
             let old = st.granted.take();
             drop(st);
@@ -700,6 +712,13 @@ impl GlockTable {
     /// Give up a cached glock now if nobody holds it (journal locks: the node
     /// that owns the journal will want it).
     pub fn unlock_idle(&self, name: LockName) {
+        if in_reclaim() && !self.gfs2_reclaim.load(Ordering::Relaxed) {
+            // Releasing talks to the lock manager and can block: never from
+            // reclaim. The demote worker does it.
+            self.release_q.lock().unwrap_or_else(|p| p.into_inner()).push(name);
+            self.demote_cv.notify_all();
+            return;
+        }
         let gl = self.get(name);
         let id = {
             let mut st = gl.lock_st();
@@ -838,6 +857,10 @@ fn demote_worker(table: Weak<GlockTable>) {
             }
             std::mem::take(&mut *q)
         };
+        let releases = std::mem::take(&mut *t.release_q.lock().unwrap_or_else(|p| p.into_inner()));
+        for name in releases {
+            t.unlock_idle(name);
+        }
         let now = Instant::now();
         let mut due: Vec<LockName> = batch;
         delayed.retain(|(at, n)| {

@@ -52,11 +52,14 @@ pub struct DlmBackend {
     rt: tokio::runtime::Handle,
     /// Until when try-locks fail at once (the lock server did not answer).
     silent_until: std::sync::Mutex<Option<std::time::Instant>>,
+    /// None: a try-lock waits for the lock server's answer however long it
+    /// takes (GFS2's behaviour, kept with `--evict=sync`).
+    try_timeout: Option<std::time::Duration>,
 }
 
 impl DlmBackend {
-    pub fn new(client: DlmClient, rt: tokio::runtime::Handle) -> DlmBackend {
-        DlmBackend { client, rt, silent_until: std::sync::Mutex::new(None) }
+    pub fn new(client: DlmClient, rt: tokio::runtime::Handle, try_timeout: Option<std::time::Duration>) -> DlmBackend {
+        DlmBackend { client, rt, silent_until: std::sync::Mutex::new(None), try_timeout }
     }
 }
 
@@ -72,16 +75,16 @@ pub const TRY_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl LockBackend for DlmBackend {
     fn lock(&self, res: &[u8], mode: Mode, flags: u32) -> Result<BackendGrant, LockError> {
-        let g = if flags & mcfs_dlm::flags::NOQUEUE != 0 {
+        let g = if let (true, Some(limit)) = (flags & mcfs_dlm::flags::NOQUEUE != 0, self.try_timeout) {
             let now = std::time::Instant::now();
             if self.silent_until.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|t| now < t) {
                 return Err(LockError::WouldBlock);
             }
-            match self.rt.block_on(async { tokio::time::timeout(TRY_TIMEOUT, self.client.lock(res, to_dlm(mode), flags)).await }) {
+            match self.rt.block_on(async { tokio::time::timeout(limit, self.client.lock(res, to_dlm(mode), flags)).await }) {
                 Ok(r) => r.map_err(err)?,
                 Err(_) => {
                     *self.silent_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(now + TRY_BACKOFF);
-                    tracing::warn!("the lock server did not answer a try-lock within {TRY_TIMEOUT:?}; try-locks fail for {TRY_BACKOFF:?}");
+                    tracing::warn!("the lock server did not answer a try-lock within {limit:?}; try-locks fail for {TRY_BACKOFF:?}");
                     return Err(LockError::WouldBlock);
                 }
             }

@@ -26,7 +26,7 @@
 //! All work happens below /w so that deleting it returns the root directory
 //! to its initial (inline, empty) state.
 //!
-//! Cases: MCFS_MODEL_CASES (default 48), operations per case up to
+//! Cases: MCFS_MODEL_CASES (default 96), operations per case up to
 //! MCFS_MODEL_OPS (default 64). Failing seeds go to
 //! crates/node/proptest-regressions/model.txt and are replayed first.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -1432,7 +1432,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
 
 fn config() -> Config {
     Config {
-        cases: env_num("MCFS_MODEL_CASES", 48) as u32,
+        cases: env_num("MCFS_MODEL_CASES", 96) as u32,
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct("proptest-regressions/model.txt"))),
         max_shrink_iters: 2000,
         ..Config::default()

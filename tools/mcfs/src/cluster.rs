@@ -506,6 +506,12 @@ impl Cluster {
                 let st = Command::new("losetup").arg("-d").arg(lo).status();
                 if !st.map(|s| s.success()).unwrap_or(false) {
                     problems.push(format!("could not detach {}", lo.display()));
+                } else if wait_for(Duration::from_secs(20), || (!loop_backing_is(lo, &self.f.image)).then_some(())).is_none() {
+                    // A loop device still open is only marked for detaching
+                    // (autoclear); a SIGKILLed node's io_uring lets go of it a
+                    // little after the process is gone. Wait for that, so that
+                    // `down` returning means the device is free.
+                    problems.push(format!("{} is still open by someone; it detaches itself when they close it", lo.display()));
                 }
             }
         }
@@ -532,7 +538,8 @@ fn loop_backing_is(lo: &Path, image: &Path) -> bool {
     }
 }
 
-fn preflight() -> Result<()> {
+/// What a local cluster needs from the machine (checked before anything is created).
+pub fn preflight() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("a local cluster needs root (loop devices and FUSE mounts): run with sudo");

@@ -27,6 +27,10 @@ pub enum Cmd {
         /// Journals to make (default nodes + 1).
         #[arg(long)]
         journals: Option<u32>,
+        /// Where mcfs-dlm, mcfs-fenced and mcfs-node are (default: next to this
+        /// binary; built first when that is this workspace's target directory).
+        #[arg(long, env = "MCFS_BIN_DIR")]
+        bin_dir: Option<PathBuf>,
     },
     /// Unmount, stop the daemons, detach the loop device (idempotent).
     Down {
@@ -53,16 +57,24 @@ pub enum Cmd {
     },
 }
 
-/// The directory of the daemons: next to this binary. When this binary runs
-/// from this workspace's target directory (`cargo run --bin mcfs -- cluster up`),
-/// build the daemons first so the cluster never runs stale ones.
-fn bin_dir() -> Result<PathBuf> {
+/// The daemons every local cluster runs.
+const DAEMONS: [&str; 3] = ["mcfs-node", "mcfs-dlm", "mcfs-fenced"];
+
+/// The directory of the daemons: `--bin-dir`, or next to this binary. When this
+/// binary runs from this workspace's target directory (`cargo run --bin mcfs --
+/// cluster up`), build the daemons first, in this binary's profile, so the
+/// cluster never runs stale ones; `MCFS_SKIP_BUILD` (set by tools/test, whose
+/// caller built everything already) skips that.
+fn bin_dir(explicit: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(dir) = explicit {
+        return check_bin_dir(dir, "--bin-dir");
+    }
     let exe = std::env::current_exe().context("cannot find the mcfs binary's directory")?;
     let dir = exe.parent().context("mcfs binary has no directory")?.to_path_buf();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let target = root.join("target");
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
     let in_workspace = std::fs::canonicalize(&target).ok().is_some_and(|t| dir.starts_with(&t));
-    if in_workspace {
+    if in_workspace && std::env::var_os("MCFS_SKIP_BUILD").is_none() {
         let release = dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = std::process::Command::new(cargo);
@@ -73,17 +85,38 @@ fn bin_dir() -> Result<PathBuf> {
         println!("building the daemons ({} profile)...", if release { "release" } else { "debug" });
         let st = cmd.status().context("running cargo build")?;
         if !st.success() {
-            anyhow::bail!("building the daemons failed");
+            anyhow::bail!("building the daemons failed (see the errors above)");
         }
+    }
+    check_bin_dir(dir, "the directory of this mcfs binary")
+}
+
+/// Every daemon must be there before anything is created.
+fn check_bin_dir(dir: PathBuf, what: &str) -> Result<PathBuf> {
+    let missing: Vec<&str> = DAEMONS.iter().copied().filter(|d| !dir.join(d).is_file()).collect();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "{} ({what}) has no {}: build them (`cargo build --release --workspace --bins`) and pass their directory with --bin-dir (or MCFS_BIN_DIR)",
+            dir.display(),
+            missing.join(", ")
+        );
     }
     Ok(dir)
 }
 
 pub fn run(c: Cmd) -> Result<()> {
     match c {
-        Cmd::Up { nodes, size, dir, cache_mem, evict, journals } => {
-            let mut o = ClusterOptions::new(&dir, nodes, bin_dir()?);
-            o.size = mcfs_node::config::parse_size(&size).map_err(anyhow::Error::msg)?;
+        Cmd::Up { nodes, size, dir, cache_mem, evict, journals, bin_dir: explicit } => {
+            // What can be refused at once is refused before a (slow) build.
+            let size = mcfs_node::config::parse_size(&size).map_err(|e| anyhow::anyhow!("--size: {e}"))?;
+            mcfs_cli::cluster::preflight()?;
+            if let Ok(c) = Cluster::open(&dir) {
+                if c.anything_running() {
+                    anyhow::bail!("a cluster is already running in {} (run `mcfs cluster down --dir {}` first)", c.f.dir.display(), dir.display());
+                }
+            }
+            let mut o = ClusterOptions::new(&dir, nodes, bin_dir(explicit)?);
+            o.size = size;
             o.journals = journals;
             o.verbose = true;
             if let Some(m) = cache_mem {

@@ -3,4 +3,5 @@
 //! integration tests, so users and tests run the very same thing.
 
 pub mod cluster;
+pub mod bench;
 pub mod proc_util;

@@ -32,10 +32,49 @@ enum Cmd {
     Status(status::Args),
     /// Dump one node's glocks (state, holders, waiters), like GFS2's debugfs.
     Glocks(status::GlocksArgs),
+    /// Every benchmark, side by side with its reference, in one table.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Only these groups: blockdev, dlm, mount, smallfiles, failover, stall.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Smaller sizes, shorter runs.
+    #[arg(long)]
+    quick: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Bench(b) = &cli.cmd {
+        let bin_dir = match std::env::current_exe() {
+            Ok(p) => p.parent().map(|d| d.to_path_buf()).unwrap_or_default(),
+            Err(e) => {
+                eprintln!("mcfs: {e}");
+                return std::process::ExitCode::from(1);
+            }
+        };
+        let o = mcfs_cli::bench::BenchOpts { only: b.only.clone(), quick: b.quick, bin_dir };
+        return match mcfs_cli::bench::run(&o) {
+            Ok(rows) => {
+                if b.json {
+                    println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
+                } else {
+                    print!("{}", mcfs_cli::bench::render(&rows));
+                }
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mcfs bench: {e:#}");
+                std::process::ExitCode::from(1)
+            }
+        };
+    }
     if let Cmd::Cluster(c) = cli.cmd {
         // blocking work (processes, mounts): no runtime needed
         return match cluster_cmd::run(c) {
@@ -59,7 +98,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Fence(c) => fence::run(c).await,
             Cmd::Status(a) => status::run(a).await,
             Cmd::Glocks(a) => status::glocks(a).await,
-            Cmd::Cluster(_) => Ok(()),
+            Cmd::Cluster(_) | Cmd::Bench(_) => Ok(()),
         }
     });
     match res {

@@ -178,7 +178,10 @@ fn run(cfg: Config) -> Result<(), String> {
         });
         rt.spawn(mcfs_node::lock_dlm::run_events(events, fs_cell.clone(), c.clone(), ctx));
         client = Some(c.clone());
-        Arc::new(DlmBackend::new(c, rt.handle().clone()))
+        // --evict=sync keeps GFS2's behaviour whole: a try-lock waits for the
+        // lock server's answer
+        let try_timeout = (cfg.evict == mcfs_node::icache::EvictMode::Nonblocking).then_some(mcfs_node::lock_dlm::TRY_TIMEOUT);
+        Arc::new(DlmBackend::new(c, rt.handle().clone(), try_timeout))
     };
 
     let mut opts = MountOptions { node_id: cfg.node_id, evict: cfg.evict, min_hold: cfg.min_hold, force_nolock: cfg.force_nolock, ..Default::default() };
