@@ -217,6 +217,7 @@ pub fn secret_file(dir: &Path) -> Result<PathBuf> {
 
 pub mod dlmd;
 pub mod fence;
+pub mod ops;
 pub mod workload;
 
 /// A local cluster for a test: `mcfs_cli::cluster` (the code behind `mcfs

@@ -334,13 +334,22 @@ impl Engine {
                 st.fences_in_flight += 1;
             }
         }
-        self.update_node(node_id, |n| {
+        // From the insert on, every retry of this id is answered from the
+        // record ("running"), so the operation must start whatever becomes of
+        // this call: nothing between the insert and `spawn` may await or return.
+        // A caller that gives up mid-call (the DLM's per-call deadline: hyper
+        // then drops this future at its next await) used to leave a PENDING
+        // record that no operation would ever finish. The spawned task flushes
+        // the record before it acts; this call waits for that flush too, so it
+        // still answers only with a durable record.
+        let noted = self.update_node(node_id, |n| {
             n.last_request_id = rec.request_id.clone();
             n.last_outcome = Some(Outcome::Pending);
-        })?;
-        store.flush().await?;
+        });
         tracing::info!(request_id = %rec.request_id, node = node_id, kind = kind.as_str(), reason = %rec.reason, "operation accepted");
         self.spawn(rec.clone(), true);
+        noted?;
+        store.flush().await?;
         Ok(rec)
     }
 
@@ -369,9 +378,14 @@ impl Engine {
         tokio::spawn(async move {
             let kind = rec.kind;
             let id = rec.request_id.clone();
-            let res = {
-                let _running = slot.run.lock().await;
-                me.run(rec, &slot).await
+            // The PENDING record is durable before anything is done to the node
+            // (a restart then resumes the operation; see `resume`).
+            let res = match me.inner.store.flush().await {
+                Ok(()) => {
+                    let _running = slot.run.lock().await;
+                    me.run(rec, &slot).await
+                }
+                Err(e) => Err(e),
             };
             if let Err(e) = res {
                 tracing::error!(request_id = %id, "operation could not be recorded: {e}");

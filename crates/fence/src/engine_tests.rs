@@ -469,3 +469,39 @@ async fn a_node_queue_is_bounded_and_retries_are_counted_not_rerun() {
     assert!(m.contains("mcfs_fenced_operations_in_progress 2"), "{m}");
     assert!(m.contains("mcfs_fenced_nodes_fenced 1"), "{m}");
 }
+
+/// A caller that gives up mid-call (the DLM's per-call deadline: hyper drops the
+/// handler on RST_STREAM) must not leave a PENDING record behind whose operation
+/// never starts: every retry of that id would be told "running" forever.
+#[tokio::test]
+async fn a_call_abandoned_mid_acceptance_still_runs_its_operation() {
+    let d = tempfile::tempdir().unwrap();
+    let levels = [
+        (1, agent_level(d.path(), "a", "ok", "")),
+        (2, agent_level(d.path(), "b", "ok", "")),
+    ];
+    let e = Engine::open(config(d.path(), &levels), &d.path().join("data"))
+        .await
+        .unwrap();
+    let mut abandoned = 0;
+    for (id, node) in [("gone", 1), ("gone-too", 2)] {
+        // Poll the call once (it gets as far as its first await), then drop it.
+        let mut call = Box::pin(e.fence(req(id, node)));
+        let first = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(call.as_mut(), cx))
+        })
+        .await;
+        drop(call);
+        if first.is_ready() {
+            continue; // it finished in one poll: nothing was abandoned
+        }
+        abandoned += 1;
+        let r = e.wait_final(id, WAIT).await.unwrap();
+        assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+        assert_eq!(e.fence(req(id, node)).await.unwrap(), r, "a retry gets the outcome");
+        let st = e.status(node).unwrap();
+        assert!(st.fenced && !st.in_progress, "{st:?}");
+    }
+    assert!(abandoned > 0, "every call finished in one poll; nothing was tested");
+    assert_eq!(actions(d.path(), "a"), ["off", "status"]);
+}

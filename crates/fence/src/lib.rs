@@ -12,7 +12,11 @@
 //!    later call with that id, concurrent or after a restart of either side, gets
 //!    the recorded outcome and never fences twice. An id reused for another node
 //!    or for Unfence is refused (ALREADY_EXISTS). A node id that is not configured
-//!    is refused (NOT_FOUND) naming the configured ones.
+//!    is refused (NOT_FOUND) naming the configured ones. The operation is started
+//!    before the call first waits (for the flush), so a caller that gives up
+//!    mid-call (its deadline, a reset stream) cannot leave a PENDING record that
+//!    nothing will ever finish; the operation itself acts only once the record
+//!    is flushed.
 //! 3. The caller polls (`Fence` again with the same id, or `Status`) until SUCCESS
 //!    or FAILED. Operations on one node run one at a time, in arrival order.
 //! 4. The node's levels run in configured order; the first level that fully

@@ -64,6 +64,13 @@ pub struct Args {
     /// Serve Prometheus metrics on this address (GET /metrics).
     #[arg(long)]
     pub metrics: Option<String>,
+    /// Keep retrying to reach the lock server for this long (seconds).
+    #[arg(long)]
+    pub join_wait_s: Option<u64>,
+    /// Mount helper: where the daemon logs (default: nowhere; mount(8)'s
+    /// output must not be held open by the daemon).
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -92,6 +99,9 @@ pub struct FileConfig {
     pub threads: Option<usize>,
     pub min_hold_ms: Option<u64>,
     pub metrics: Option<String>,
+    pub join_wait_s: Option<u64>,
+    pub log_file: Option<PathBuf>,
+    pub log_json: Option<bool>,
 }
 
 /// A complete, checked configuration.
@@ -115,6 +125,8 @@ pub struct Config {
     pub min_hold: Duration,
     pub metrics: Option<String>,
     pub log_json: bool,
+    pub join_wait: Duration,
+    pub log_file: Option<PathBuf>,
 }
 
 /// Parse "256M", "1G", "4096", "1.5G".
@@ -145,8 +157,9 @@ impl Args {
                 let v = argv.get(i + 1).ok_or("-o needs options")?;
                 for kv in v.split(',') {
                     let (k, val) = kv.split_once('=').map_or((kv, None), |(k, v)| (k, Some(v.to_string())));
+                    let need = |v: Option<String>| v.ok_or(format!("{k}= needs a value"));
                     match k {
-                        "node_id" => a.node_id = Some(val.ok_or("node_id needs a value")?.parse().map_err(|_| "node_id must be a number")?),
+                        "node_id" => a.node_id = Some(need(val)?.parse().map_err(|_| "node_id= must be a number")?),
                         "dlm" => a.dlm = val,
                         "secret_file" => a.secret_file = val.map(PathBuf::from),
                         "lock" => a.lock = val,
@@ -154,7 +167,15 @@ impl Args {
                         "evict" => a.evict = val,
                         "config" => a.config = val.map(PathBuf::from),
                         "admin" => a.admin = val,
+                        "admin_addr_file" => a.admin_addr_file = val.map(PathBuf::from),
                         "pid_file" => a.pid_file = val.map(PathBuf::from),
+                        "metrics" => a.metrics = val,
+                        "threads" => a.threads = Some(need(val)?.parse().map_err(|_| "threads= must be a number")?),
+                        "min_hold_ms" => a.min_hold_ms = Some(need(val)?.parse().map_err(|_| "min_hold_ms= must be a number")?),
+                        "join_wait_s" => a.join_wait_s = Some(need(val)?.parse().map_err(|_| "join_wait_s= must be a number")?),
+                        "log_file" => a.log_file = val.map(PathBuf::from),
+                        "force_nolock" => a.force_nolock = true,
+                        "log_json" => a.log_json = true,
                         // generic mount options mount(8) passes along
                         "rw" | "defaults" | "auto" | "noauto" | "nofail" | "_netdev" | "user" | "nouser" | "dev" | "suid" | "exec" | "nodev" | "nosuid" | "noexec" | "atime" | "noatime" | "relatime" => {}
                         other => a.options.push(match val {
@@ -163,6 +184,9 @@ impl Args {
                         }),
                     }
                 }
+                i += 2;
+            } else if matches!(argv[i].as_str(), "-t" | "-N") {
+                // -t TYPE, -N NAMESPACE: mount(8) may pass them; the value is not ours
                 i += 2;
             } else if argv[i].starts_with('-') {
                 // -n (no mtab), -s (sloppy), -v: accepted and ignored
@@ -244,7 +268,9 @@ impl Args {
             threads: self.threads.or(f.threads).unwrap_or(8).clamp(1, 64),
             min_hold: Duration::from_millis(self.min_hold_ms.or(f.min_hold_ms).unwrap_or(10)),
             metrics: self.metrics.or(f.metrics),
-            log_json: self.log_json,
+            log_json: self.log_json || f.log_json.unwrap_or(false),
+            join_wait: Duration::from_secs(self.join_wait_s.or(f.join_wait_s).unwrap_or(30)),
+            log_file: self.log_file.or(f.log_file),
         })
     }
 }

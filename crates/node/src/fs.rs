@@ -177,7 +177,7 @@ impl Fs {
             drop(others);
             if t0.elapsed() >= opts.journal_wait {
                 return Err(FsError::Invalid(format!(
-                    "no free journal slot after {:?}: all {} journals are in use (make more with mkfs.mcfs -j, or unmount a node), or the lock server is still recovering a failed node (see mcfs status)",
+                    "no free journal slot after {:?}: all {} journals are in use by mounted nodes, or the lock server is still recovering a failed node (see mcfs status). Unmount a node, or re-create the filesystem with more journals (mkfs.mcfs -j N destroys its data: journals cannot be added yet)",
                     opts.journal_wait, geo.journal_count
                 )));
             }

@@ -24,11 +24,21 @@
 //! fresh filesystem; after unmount fsck must find nothing.
 //!
 //! All work happens below /w so that deleting it returns the root directory
-//! to its initial (inline, empty) state.
+//! to its initial (inline, empty) state. Modes never carry setuid/setgid (the
+//! library clears them on write whoever writes; the kernel keeps them for
+//! root), and symlinks are never written through (the kernel follows them).
 //!
-//! Cases: MCFS_MODEL_CASES (default 96), operations per case up to
-//! MCFS_MODEL_OPS (default 64). Failing seeds go to
-//! crates/node/proptest-regressions/model.txt and are replayed first.
+//! Knobs (environment):
+//! * MCFS_MODEL_CASES (default 96) cases of up to MCFS_MODEL_OPS (default 64)
+//!   operations. Failing seeds go to crates/node/proptest-regressions/model.txt
+//!   and are replayed first.
+//! * MCFS_MODEL_GEOMETRY=default: testutil's 8 MiB journal and 16 MiB rgrps
+//!   instead of the smallest journal and 1 MiB rgrps.
+//! * MCFS_MODEL_KNOWN_BUGS=1: stop steering around the bugs whose reproducers
+//!   are the ignored tests at the end.
+//! * MCFS_MODEL_STATS=1: print how many of each operation succeeded or failed.
+//! * MCFS_TEST_CACHE_MB, MCFS_TEST_FLUSH_MS: memory budget and background
+//!   flush period (tests/common).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

@@ -32,6 +32,18 @@ fn main() -> ExitCode {
     let check_only = args.check_config;
     let cfg = match args.resolve() {
         Ok(c) => c,
+        Err(e) if helper => {
+            // in mount(8)'s terms: options, not flags
+            let e = e
+                .replace("--node-id", "node_id=")
+                .replace("--dlm ADDR", "dlm=ADDR")
+                .replace("--secret-file FILE", "secret_file=FILE")
+                .replace("--lock nolock", "lock=nolock")
+                .replace("--evict", "evict=")
+                .replace("--", "");
+            eprintln!("mount.fuse.mcfs: {e}");
+            return ExitCode::from(2);
+        }
         Err(e) => {
             eprintln!("mcfs-node: {e}");
             return ExitCode::from(2);
@@ -49,8 +61,8 @@ fn main() -> ExitCode {
     match run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // once: through the log (which is stderr)
             tracing::error!("{e}");
-            eprintln!("mcfs-node: {e}");
             ExitCode::from(1)
         }
     }
@@ -58,7 +70,8 @@ fn main() -> ExitCode {
 
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=error"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
     if json {
         b.json().init();
     } else {
@@ -69,6 +82,13 @@ fn init_logging(json: bool) {
 /// Mount helper: fork; the child serves, the parent waits until the mount
 /// appears (or the child fails) so that `mount` reports the outcome.
 fn daemonize_and_wait(cfg: &Config) -> ExitCode {
+    // The child's refusal reaches mount(8) through this pipe.
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 with a valid two-element array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        eprintln!("mount.fuse.mcfs: pipe failed");
+        return ExitCode::from(1);
+    }
     // SAFETY: fork before any thread was started (logging does not spawn).
     let pid = unsafe { libc::fork() };
     if pid < 0 {
@@ -78,29 +98,50 @@ fn daemonize_and_wait(cfg: &Config) -> ExitCode {
     if pid == 0 {
         // SAFETY: setsid in the child detaches it from the terminal.
         unsafe { libc::setsid() };
+        // mount(8) (and `out=$(mount ...)`) must not wait for the daemon's
+        // output: it goes to log_file= or nowhere
+        let target = cfg.log_file.clone().unwrap_or_else(|| "/dev/null".into());
+        if let Ok(f) = std::fs::OpenOptions::new().create(true).append(true).open(&target) {
+            use std::os::fd::AsRawFd;
+            // SAFETY: dup2 of a valid descriptor onto stdout/stderr.
+            unsafe {
+                libc::dup2(f.as_raw_fd(), 1);
+                libc::dup2(f.as_raw_fd(), 2);
+            }
+        }
+        // SAFETY: closing our copy of the read end.
+        unsafe { libc::close(fds[0]) };
         return match run(cfg.clone()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("mcfs-node: {e}");
+                tracing::error!("{e}");
+                // SAFETY: write to our pipe end; a short write only truncates the message.
+                unsafe { libc::write(fds[1], e.as_ptr().cast(), e.len().min(4096)) };
                 ExitCode::from(1)
             }
         };
     }
+    // SAFETY: the parent keeps only the read end.
+    unsafe { libc::close(fds[1]) };
+    // Wait as long as the daemon lives: joining may wait for the lock server
+    // and a journal slot, and replay takes its time.
     let mp = cfg.mountpoint.to_string_lossy().to_string();
-    for _ in 0..600 {
+    loop {
         if is_mounted(&mp) {
             return ExitCode::SUCCESS;
         }
         let mut status = 0;
         // SAFETY: waitpid on our own child, non-blocking.
         if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
-            eprintln!("mount.fuse.mcfs: the node daemon exited before mounting (see its log)");
+            let mut buf = vec![0u8; 4096];
+            // SAFETY: read from our pipe end into a buffer of that size.
+            let n = unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len()) };
+            let why = if n > 0 { String::from_utf8_lossy(&buf[..n as usize]).to_string() } else { "see its log (log_file=PATH)".into() };
+            eprintln!("mount.fuse.mcfs: the node daemon exited before mounting: {why}");
             return ExitCode::from(1);
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    eprintln!("mount.fuse.mcfs: timed out waiting for the mount");
-    ExitCode::from(1)
 }
 
 fn is_mounted(mp: &str) -> bool {
@@ -128,9 +169,18 @@ fn preflight(cfg: &Config) -> Result<(), String> {
 
 fn run(cfg: Config) -> Result<(), String> {
     preflight(&cfg)?;
-    let dev = mcfs_blockdev::open_path(&cfg.device, cfg.read_only).map_err(|e| format!("cannot open {}: {e}", cfg.device.display()))?;
+    if let Some(m) = mounted_elsewhere(&cfg.device) {
+        return Err(format!("{} is busy: {m}; mounting it here too would corrupt it", cfg.device.display()));
+    }
+    // the blockdev error already names the path
+    let dev = mcfs_blockdev::open_path(&cfg.device, cfg.read_only).map_err(|e| e.to_string())?;
     let dev: Arc<dyn BlockDevice> = Arc::new(dev);
-    let sb = read_superblock(dev.as_ref()).map_err(|e| format!("{}: not a usable mcfs filesystem: {e} (run fsck.mcfs, or mkfs.mcfs to format it)", cfg.device.display()))?;
+    let sb = read_superblock(dev.as_ref()).map_err(|e| match &e {
+        mcfs_node::FsError::Corrupt(fe) if fe.to_string().contains("bad magic") => {
+            format!("{} is not an mcfs filesystem (no mcfs superblock at 64 KiB or in the last block)", cfg.device.display())
+        }
+        _ => format!("{}: the mcfs superblock is damaged: {e} (fsck.mcfs can repair it from its backup)", cfg.device.display()),
+    })?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("mcfs-rt").build().map_err(|e| format!("runtime: {e}"))?;
     let fs_cell: Arc<OnceLock<Arc<Fs>>> = Arc::new(OnceLock::new());
     let secret = match &cfg.secret_file {
@@ -166,10 +216,7 @@ fn run(cfg: Config) -> Result<(), String> {
             return Err("a cluster mount needs --dlm and --secret-file".into());
         };
         let cc = mcfs_dlm::ClientConfig { addr: addr.clone(), secret, lockspace: sb.table(), node_id: cfg.node_id, admin_addr: admin_addr.clone() };
-        let (c, events) = rt.block_on(mcfs_dlm::DlmClient::connect(cc)).map_err(|e| match e {
-            mcfs_dlm::Error::FailedPrecondition(m) => format!("the lock server refused node {}: {m}", cfg.node_id),
-            other => format!("cannot join lockspace {} at {addr}: {other} (is mcfs-dlm running there, with the same secret?)", sb.table()),
-        })?;
+        let (c, events) = rt.block_on(join(cc, &cfg, &sb.table()))?;
         let ctx = Arc::new(mcfs_node::lock_dlm::RecoveryCtx {
             dev: dev.clone(),
             sb: sb.clone(),
@@ -192,7 +239,17 @@ fn run(cfg: Config) -> Result<(), String> {
         (None, None) => opts.cache_mem,
     };
     opts.cache_mem = budget;
-    let fs = Fs::mount(dev, backend, opts).map_err(|e| format!("mount failed: {e}"))?;
+    let fs = match Fs::mount(dev, backend, opts) {
+        Ok(fs) => fs,
+        Err(e) => {
+            // never mounted, nothing to recover: leave cleanly so the cluster
+            // does not fence a node that only failed to start
+            if let Some(c) = client.take() {
+                let _ = rt.block_on(c.leave());
+            }
+            return Err(format!("mount failed: {}", mount_error(&e)));
+        }
+    };
     let _ = fs_cell.set(fs.clone());
     if let Some(c) = &client {
         if let Err(e) = rt.block_on(c.set_session_info(fs.journal_slot() as i32, &admin_addr)) {
@@ -207,6 +264,17 @@ fn run(cfg: Config) -> Result<(), String> {
         rt.spawn(mcfs_dlm::net::metrics::serve(l, std::sync::Arc::new(move || fsm.metrics_text())));
     }
     tracing::info!(mountpoint = %cfg.mountpoint.display(), device = %cfg.device.display(), admin = %admin_addr, budget, evict = cfg.evict.as_str(), "serving");
+    // READY once the FUSE session is up: a little after this, the mount exists
+    let mp_ready = cfg.mountpoint.clone();
+    std::thread::spawn(move || {
+        for _ in 0..600 {
+            if is_mounted(&mp_ready.to_string_lossy()) {
+                sd_notify_ready();
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    });
 
     // SIGUSR1: drop unused inodes and clean buffers (like drop_caches).
     let fsu = fs.clone();
@@ -262,6 +330,76 @@ fn run(cfg: Config) -> Result<(), String> {
     } else {
         Err(format!("withdrawn: {}", fs.withdraw_reason().unwrap_or_default()))
     }
+}
+
+/// Join the lockspace, retrying while the lock server is unreachable (a node
+/// may boot before it), with messages an operator can act on.
+async fn join(cc: mcfs_dlm::ClientConfig, cfg: &Config, table: &str) -> Result<(mcfs_dlm::DlmClient, tokio::sync::mpsc::UnboundedReceiver<mcfs_dlm::ClientEvent>), String> {
+    let t0 = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        match mcfs_dlm::DlmClient::connect(cc.clone()).await {
+            Ok(x) => return Ok(x),
+            Err(mcfs_dlm::Error::FailedPrecondition(m)) if m.contains("fenced") => {
+                return Err(format!("node {} is fenced: {m}. Once its journal has been replayed, let it back in with `mcfs fence unfence {}`", cfg.node_id, cfg.node_id));
+            }
+            Err(mcfs_dlm::Error::FailedPrecondition(m)) => return Err(format!("the lock server refused node {}: {m}", cfg.node_id)),
+            Err(mcfs_dlm::Error::Unauthenticated(m)) => return Err(format!("the lock server at {} refused our cluster secret ({m}): check --secret-file", cc.addr)),
+            Err(mcfs_dlm::Error::Unavailable(m)) if m.contains("already has a session") => {
+                return Err(format!("node id {} is already in use in {table} (another node has it, or this node's previous session has not expired yet: wait for its lease, then retry)", cfg.node_id));
+            }
+            Err(e) if t0.elapsed() < cfg.join_wait => {
+                if !said {
+                    tracing::warn!("cannot reach the lock server at {} yet ({e}); retrying for up to {:?}", cc.addr, cfg.join_wait);
+                    said = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(format!("cannot join lockspace {table} at {}: {e} (is mcfs-dlm running there?)", cc.addr)),
+        }
+    }
+}
+
+/// A mount refusal, phrased for the operator.
+fn mount_error(e: &mcfs_node::FsError) -> String {
+    match e {
+        mcfs_node::FsError::Invalid(m) => m.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Is `dev` mounted by the kernel, or held open exclusively (a holder in
+/// sysfs)? Those uses would corrupt each other.
+fn mounted_elsewhere(dev: &Path) -> Option<String> {
+    let canon = std::fs::canonicalize(dev).ok()?;
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    for l in mounts.lines() {
+        let mut f = l.split(' ');
+        let (Some(src), Some(mp), Some(ty)) = (f.next(), f.next(), f.next()) else { continue };
+        // our own FUSE mounts name the device as their source: several nodes
+        // of one host share it on purpose
+        if ty.starts_with("fuse") {
+            continue;
+        }
+        if std::fs::canonicalize(src).ok().as_deref() == Some(canon.as_path()) {
+            return Some(format!("it is mounted on {mp} ({ty})"));
+        }
+    }
+    let name = canon.file_name()?.to_string_lossy().to_string();
+    let holders = std::fs::read_dir(format!("/sys/block/{name}/holders")).ok()?;
+    let h: Vec<String> = holders.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().to_string())).collect();
+    (!h.is_empty()).then(|| format!("it is held by {}", h.join(", ")))
+}
+
+/// Tell systemd the mount is ready (Type=notify units).
+fn sd_notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else { return };
+    let p = std::path::PathBuf::from(path);
+    if p.to_string_lossy().starts_with('@') {
+        return; // abstract socket: not supported by std; Type=simple still works
+    }
+    let _ = sock.send_to(b"READY=1", &p);
 }
 
 fn unreachable_secret() -> Secret {
