@@ -274,7 +274,15 @@ impl Fs {
         let _ = std::thread::Builder::new().name("log-flush".into()).spawn(move || {
             let mut n = 0u64;
             loop {
-                std::thread::sleep(every);
+                // short naps: an unmount ends this thread promptly
+                let t = Instant::now();
+                while t.elapsed() < every {
+                    std::thread::sleep(every.min(Duration::from_millis(100)));
+                    match me.upgrade() {
+                        Some(fs) if !fs.is_stopping() => {}
+                        _ => return,
+                    }
+                }
                 let Some(fs) = me.upgrade() else { return };
                 if fs.is_stopping() || fs.is_withdrawn() {
                     return;

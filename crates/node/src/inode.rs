@@ -223,6 +223,27 @@ impl Fs {
         Ok(wlen)
     }
 
+    /// Before a write past the end of file or a truncate up: zero the bytes of
+    /// the old last block past the old end `old` (a shrink leaves them). In
+    /// place before the extend commits, which is harmless: until that commit
+    /// they are past the end of file.
+    pub fn zero_tail(&self, d: &Dinode, old: u64) -> Result<()> {
+        let bs = self.bs as u64;
+        if d.is_inline() || old % bs == 0 {
+            return Ok(());
+        }
+        if let Some(p) = self.bmap(d, old / bs)? {
+            let mut blk = vec![0u8; bs as usize];
+            self.dev.read_at(p * bs, &mut blk)?;
+            if blk[(old % bs) as usize..].iter().any(|b| *b != 0) {
+                blk[(old % bs) as usize..].fill(0);
+                self.dev.write_at(p * bs, &blk)?;
+                self.log.note_data_write();
+            }
+        }
+        Ok(())
+    }
+
     /// Blocks a truncate to `size` frees, and the rgrps that hold them.
     pub fn truncate_plan(&self, d: &Dinode, size: u64) -> Result<(Vec<u64>, Vec<u64>)> {
         if d.is_inline() {
@@ -266,21 +287,13 @@ impl Fs {
         all.extend_from_slice(meta);
         self.set_block_states(tx, &all, BlockState::Free)?;
         d.blocks = d.blocks.saturating_sub(all.len() as u64);
-        // zero the tail of the last partial block so a later extend reads zeros
-        if size % bs != 0 && size < d.size {
-            if let Some(p) = self.bmap(d, size / bs)? {
-                let mut blk = vec![0u8; bs as usize];
-                self.dev.read_at(p * bs, &mut blk)?;
-                blk[(size % bs) as usize..].fill(0);
-                self.dev.write_at(p * bs, &blk)?;
-                self.log.note_data_write();
-            }
-        }
-        let grows = size > dinode::tree_capacity(self.geo.block_size, d.height) * bs;
-        if grows {
-            // sparse extend beyond the tree: taller tree, no blocks
-            return Err(FsError::Other("internal: sparse extend needs a taller tree".into()));
-        }
+        // The bytes of the last block past the new end stay on disk until an
+        // extend zeroes them (zero_tail): zeroing them here, in place, before
+        // this transaction commits, would lose durable data in a crash.
+        // Growing past what the tree maps needs no blocks: bmap and bmap_range
+        // read blocks beyond the tree's capacity as holes, and bmap_alloc grows
+        // the tree when a write lands there.
+        let _ = bs;
         d.size = size;
         Ok(())
     }

@@ -64,6 +64,10 @@ struct Inner {
     live: BTreeMap<u64, u32>,
     /// Blocks with an image in the live region: last sequence.
     in_log: HashMap<u64, u64>,
+    /// Blocks freed by transactions not yet committed. Their AIL copies stay
+    /// until the commit: until then the committed state still uses them, and a
+    /// checkpoint must write them in place before the tail passes them.
+    freed: BTreeSet<u64>,
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -120,7 +124,7 @@ impl Tx<'_> {
         self.bufs.retain(|b| b.blkno != blkno);
         let mut g = self.log.lock();
         g.pending.remove(&blkno);
-        g.ail.remove(&blkno);
+        g.freed.insert(blkno);
         if g.in_log.contains_key(&blkno) {
             g.pending_revokes.insert(blkno);
         }
@@ -161,6 +165,7 @@ impl Log {
                 ail: BTreeMap::new(),
                 live: BTreeMap::new(),
                 in_log: HashMap::new(),
+                freed: BTreeSet::new(),
             }),
             budget,
             data_dirty: AtomicBool::new(false),
@@ -239,12 +244,12 @@ impl Log {
     /// The flush itself; `force` writes a commit even with nothing pending (to
     /// record a new tail), `clean` marks it as the unmount commit.
     fn flush_locked(&self, force: bool, clean: bool) -> Result<()> {
-        let (bufs, revokes) = {
+        let (bufs, revokes, freed) = {
             let mut g = self.lock();
-            if g.pending.is_empty() && g.pending_revokes.is_empty() && !force {
+            if g.pending.is_empty() && g.pending_revokes.is_empty() && g.freed.is_empty() && !force {
                 return Ok(());
             }
-            (std::mem::take(&mut g.pending), std::mem::take(&mut g.pending_revokes))
+            (std::mem::take(&mut g.pending), std::mem::take(&mut g.pending_revokes), std::mem::take(&mut g.freed))
         };
         let images: Vec<(u64, LockName, Arc<Vec<u8>>)> = bufs.values().map(|b| (b.blkno, b.owner, Arc::new(b.read().clone()))).collect();
         let cap = journal::list_capacity(self.bs as u32);
@@ -306,7 +311,15 @@ impl Log {
         let reqs: Vec<(u64, &[u8])> = blocks.iter().enumerate().map(|(i, b)| (abs(i) * self.bs as u64, b.as_slice())).collect();
         self.dev.write_many(&reqs)?;
         self.dev.flush()?;
+        // Charge the AIL copies before taking `inner`, and without direct
+        // reclaim: this thread holds the flush lock, and eviction reads through
+        // the log (ail_image, has_pending) and may checkpoint.
+        let charges: Vec<Charge> = images.iter().map(|(_, _, img)| self.budget.charge_no_reclaim(img.len() as u64)).collect();
         let mut g = self.lock();
+        // the frees are committed: their blocks' old copies may go
+        for b in &freed {
+            g.ail.remove(b);
+        }
         g.head = ((start as u64 + blocks.len() as u64) % jb) as u32;
         g.next_seq = seq + 1;
         g.live.insert(seq, start);
@@ -315,9 +328,8 @@ impl Log {
         let tail_seq_now = tail_seq;
         g.live.retain(|s, _| *s >= tail_seq_now);
         g.in_log.retain(|_, s| *s >= tail_seq_now);
-        for (blkno, owner, image) in images {
+        for ((blkno, owner, image), charge) in images.into_iter().zip(charges) {
             g.in_log.insert(blkno, seq);
-            let charge = self.budget.charge(image.len() as u64);
             let first = g.ail.get(&blkno).map_or(seq, |a| a.first_seq);
             g.ail.insert(blkno, AilEntry { image, first_seq: first, owner, _charge: charge });
         }
@@ -364,12 +376,15 @@ impl Log {
         let mut g = self.lock();
         let pending = std::mem::take(&mut g.pending);
         let revokes = std::mem::take(&mut g.pending_revokes);
+        let freed = std::mem::take(&mut g.freed);
         drop(g);
-        // write only the commit: nothing pending may ride along here
+        // write only the commit: nothing pending may ride along here (and frees
+        // whose transactions are not in it are not committed by it)
         let res = self.flush_locked(true, clean);
         let mut g = self.lock();
         g.pending.extend(pending);
         g.pending_revokes.extend(revokes);
+        g.freed.extend(freed);
         res
     }
 
@@ -395,9 +410,12 @@ impl Log {
             }
         }
         let other_pending = std::mem::take(&mut g.pending);
+        let other_freed = std::mem::take(&mut g.freed);
         drop(g);
         let res = self.flush_locked(false, false);
-        self.lock().pending.extend(other_pending);
+        let mut g = self.lock();
+        g.pending.extend(other_pending);
+        g.freed.extend(other_freed);
         res
     }
 

@@ -252,6 +252,10 @@ impl Fs {
                 } else if d.is_inline() && size > dinode::payload_size(self.geo.block_size) as u64 && d.size > 0 {
                     res = Some(self.reserve(1, 1, Some(ino), ms)?);
                 }
+                if size > d.size && !d.is_inline() {
+                    self.zero_tail(&d, d.size)?;
+                    inode.drop_data_from(d.size / self.bs as u64);
+                }
             }
             {
                 let mut tx = self.log.begin()?;
@@ -284,7 +288,7 @@ impl Fs {
                 d.ctime = t;
                 self.put_dinode(&mut tx, &b, &d);
             }
-            if !plan.0.is_empty() {
+            if !plan.0.is_empty() || !plan.1.is_empty() {
                 self.log.flush()?; // ordered free: see Fs::deallocate
             }
             drop(rgrp_holders);
@@ -515,7 +519,12 @@ impl Fs {
                 }
                 Some(_) => {}
                 None => {
-                    let _ = self.iput_final(ino, ms);
+                    // not in memory here: bring it in (iopen shared, as a lookup
+                    // does), so that the iput path deallocates it, or leaves it
+                    // to a node that has it open
+                    if self.instantiate(ino, ms).is_ok() {
+                        let _ = self.iput_final(ino, ms);
+                    }
                 }
             }
         }
@@ -899,6 +908,10 @@ impl Fs {
                 return Ok(0);
             }
             let bs = self.bs as u64;
+            if off > d.size {
+                self.zero_tail(&d, d.size)?;
+                inode.drop_data_from(d.size / bs);
+            }
             let mut done = 0usize;
             while done < data.len() {
                 let o = off + done as u64;
@@ -918,10 +931,14 @@ impl Fs {
                     }
                 };
                 let res = if need > 0 {
-                    Some(match self.reserve(need, 1, Some(if d.goal != 0 { d.goal } else { ino }), ms) {
+                    // at least what mapping one block may cost (new tree levels,
+                    // indirect blocks), else bmap_alloc can spend the whole
+                    // reservation on metadata and map nothing
+                    let min = self.alloc_estimate(&d, o / bs, 1).min(need);
+                    Some(match self.reserve(need, min, Some(if d.goal != 0 { d.goal } else { ino }), ms) {
                         Err(FsError::NoSpace) => {
                             self.flush_deferred_for_space(Duration::from_secs(2));
-                            self.reserve(need, 1, Some(ino), ms)?
+                            self.reserve(need, min, Some(ino), ms)?
                         }
                         r => r?,
                     })

@@ -976,7 +976,6 @@ fn clean_unmount_leaves_exactly_the_final_state() {
 /// in the middle of the file: data that was durable is lost, and the file
 /// shows a state that never existed.
 #[test]
-#[ignore = "bug: truncate to mid-block zeroes the tail in place before the new size is durable (inode.rs truncate)"]
 fn truncate_zeroes_the_tail_before_the_new_size_is_durable() {
     let mut w = W::new(image(Geo::Default));
     w.create(b"f");
@@ -1002,7 +1001,6 @@ fn truncate_zeroes_the_tail_before_the_new_size_is_durable() {
 /// directory naming a dinode whose block never reached its home location:
 /// fsck finds "entry names block N, which is not an inode (bad magic)".
 #[test]
-#[ignore = "bug: Tx::revoke drops the AIL copy before the free commits; a checkpoint then loses the only copy of a live dinode (log.rs)"]
 fn a_freed_dinode_keeps_its_journal_copy_until_the_free_commits() {
     let mut w = W::new(image(Geo::SmallJournal));
     w.mkdir(b"churn");

@@ -153,6 +153,18 @@ impl Budget {
         Charge { budget: self.clone(), bytes }
     }
 
+    /// Charge `bytes` without reclaiming in this thread, for callers that hold
+    /// locks reclaim needs (the log flush); wakes the background reclaimer
+    /// when over the low watermark.
+    pub fn charge_no_reclaim(self: &Arc<Self>, bytes: u64) -> Charge {
+        let now = self.used.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        if now > self.low_watermark() {
+            self.kick();
+        }
+        Charge { budget: self.clone(), bytes }
+    }
+
     fn uncharge(&self, bytes: u64) {
         let prev = self.used.fetch_sub(bytes, Ordering::Relaxed);
         if prev >= self.limit() && prev - bytes < self.limit() {
