@@ -220,11 +220,10 @@ impl Fs {
         Ok(out)
     }
 
+    /// Set one pointer. The block's checksum is recomputed when the log takes
+    /// its copy (every journaled image is resealed), not once per pointer.
     fn set_indirect(&self, tx: &mut Tx<'_>, b: &Arc<Buf>, i: usize, v: u64) {
-        let mut data = b.write();
-        dinode::set_indirect_ptr(&mut data, i, v);
-        mcfs_format::header::reseal(&mut data);
-        drop(data);
+        dinode::set_indirect_ptr(&mut b.write(), i, v);
         tx.add(b);
     }
 

@@ -104,6 +104,13 @@ pub struct FileConfig {
     pub log_json: Option<bool>,
 }
 
+/// FUSE worker threads. Few is fast: the kernel wakes the longest-idle reader
+/// first, so with many threads every request lands on a cold one (measured on
+/// 2 cores: create+stat+unlink 3,364/s with 2 threads, 1,920/s with 8). Each
+/// thread that waits for a remote lock takes one away from other requests:
+/// raise it for many concurrent users.
+pub const DEFAULT_THREADS: usize = 2;
+
 /// A complete, checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -265,7 +272,7 @@ impl Args {
             admin: self.admin.or(f.admin).unwrap_or_else(|| "127.0.0.1:0".into()),
             admin_addr_file: self.admin_addr_file.or(f.admin_addr_file),
             pid_file: self.pid_file.or(f.pid_file),
-            threads: self.threads.or(f.threads).unwrap_or(8).clamp(1, 64),
+            threads: self.threads.or(f.threads).unwrap_or(DEFAULT_THREADS).clamp(1, 64),
             min_hold: Duration::from_millis(self.min_hold_ms.or(f.min_hold_ms).unwrap_or(10)),
             metrics: self.metrics.or(f.metrics),
             log_json: self.log_json || f.log_json.unwrap_or(false),

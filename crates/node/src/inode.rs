@@ -82,18 +82,13 @@ impl Fs {
     /// already held EX) as a new inode, allocating it from `res`.
     #[allow(clippy::too_many_arguments)]
     pub fn alloc_dinode(&self, tx: &mut Tx<'_>, res: &Reservation, ino: u64, mode: u32, uid: u32, gid: u32, rdev: u32, parent: u64) -> Result<(Arc<Buf>, Dinode)> {
-        // a reused block: the new inode's generation must exceed the old one's
-        let old_gen = {
-            let mut v = vec![0u8; self.bs];
-            self.dev.read_at(ino * self.bs as u64, &mut v)?;
-            match mcfs_format::header::peek(&v) {
-                Some((magic, _, _, blk, seq, fsid, _)) if magic == mcfs_format::MAGIC && blk == ino && fsid == self.fsid => seq,
-                _ => 0,
-            }
-        };
         self.alloc_exact(tx, res, ino, BlockState::Dinode)?;
         let t = now();
-        let mut d = Dinode::new(ino, old_gen + 1, mode, self.geo.block_size);
+        // The generation tells a reused inode number apart (NFS-style stale
+        // handles, FUSE's generation): the creation time in nanoseconds is
+        // unique per block without reading the old dinode.
+        let generation = (t.sec as u64).saturating_mul(1_000_000_000).saturating_add(t.nsec as u64).max(1);
+        let mut d = Dinode::new(ino, generation, mode, self.geo.block_size);
         d.uid = uid;
         d.gid = gid;
         d.rdev = rdev;

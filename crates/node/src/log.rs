@@ -251,7 +251,16 @@ impl Log {
             }
             (std::mem::take(&mut g.pending), std::mem::take(&mut g.pending_revokes), std::mem::take(&mut g.freed))
         };
-        let images: Vec<(u64, LockName, Arc<Vec<u8>>)> = bufs.values().map(|b| (b.blkno, b.owner, Arc::new(b.read().clone()))).collect();
+        // Every image is resealed here: hot paths may change a cached block
+        // without recomputing its checksum each time.
+        let images: Vec<(u64, LockName, Arc<Vec<u8>>)> = bufs
+            .values()
+            .map(|b| {
+                let mut img = b.read().clone();
+                mcfs_format::header::reseal(&mut img);
+                (b.blkno, b.owner, Arc::new(img))
+            })
+            .collect();
         let cap = journal::list_capacity(self.bs as u32);
         let nblocks = images.len() + images.len().div_ceil(cap) + revokes.len().div_ceil(cap) + 1;
         if nblocks + 2 > self.pos.blocks as usize / 2 {

@@ -56,6 +56,9 @@ const MAX_LINKS: u32 = 65000;
 /// Files up to this size have their data cached (and charged) on read; larger
 /// ones stream past the cache.
 const CACHE_FILE_MAX: u64 = 1 << 20;
+/// Read-ahead window of a sequential reader of a large file (capped at a
+/// sixteenth of the memory budget).
+const READAHEAD_MAX: u64 = 4 << 20;
 
 fn check_name(name: &[u8]) -> Result<()> {
     if name.len() > dir::NAME_LEN_MAX {
@@ -845,11 +848,75 @@ impl Fs {
             if d.is_dir() {
                 return Err(FsError::IsDir);
             }
-            if d.is_inline() || d.size > CACHE_FILE_MAX {
+            if d.is_inline() {
                 return self.read_data(&d, off, size);
+            }
+            if d.size > CACHE_FILE_MAX {
+                return self.read_streaming(&inode, &d, off, size);
             }
             self.read_cached(&inode, &d, off, size)
         })
+    }
+
+    /// Large files: no cache, but a sequential reader gets the next window
+    /// read ahead in the background (the kernel does no read-ahead for
+    /// direct-I/O files). Called with the inode glock held shared.
+    fn read_streaming(&self, inode: &Arc<Inode>, d: &Dinode, off: u64, size: u32) -> Result<Vec<u8>> {
+        let end = (off + size as u64).min(d.size);
+        if off >= end {
+            return Ok(Vec::new());
+        }
+        let (hit, sequential) = {
+            let mut ra = inode.ra.lock().unwrap_or_else(|p| p.into_inner());
+            let hit = match &ra.ready {
+                Some((ro, data, _)) if *ro <= off && end <= ro + data.len() as u64 => {
+                    let s = (off - ro) as usize;
+                    Some(data[s..s + (end - off) as usize].to_vec())
+                }
+                _ => None,
+            };
+            let sequential = ra.next == off;
+            ra.next = end;
+            (hit, sequential)
+        };
+        let out = match hit {
+            Some(v) => v,
+            None => self.read_data(d, off, size)?,
+        };
+        if sequential && end < d.size {
+            self.start_readahead(inode, end);
+        }
+        Ok(out)
+    }
+
+    fn start_readahead(&self, inode: &Arc<Inode>, from: u64) {
+        let window = (READAHEAD_MAX).min(self.budget.limit() / 16).max(self.bs as u64);
+        let epoch = {
+            let mut ra = inode.ra.lock().unwrap_or_else(|p| p.into_inner());
+            let covered = ra.ready.as_ref().is_some_and(|(ro, data, _)| *ro <= from && from + window / 2 <= ro + data.len() as u64);
+            if ra.inflight || covered {
+                return;
+            }
+            ra.inflight = true;
+            ra.epoch
+        };
+        let (Some(fs), inode) = (self.arc(), inode.clone()) else { return };
+        let _ = std::thread::Builder::new().name("readahead".into()).spawn(move || {
+            // only while the glock is cached here: never a lock request
+            let data = fs.glocks.try_acquire(LockName::Inode(inode.ino), Mode::PR).ok().and_then(|h| {
+                let r = fs.dinode(inode.ino).ok().and_then(|(_, d)| fs.read_data(&d, from, window as u32).ok());
+                drop(h);
+                r
+            });
+            let mut ra = inode.ra.lock().unwrap_or_else(|p| p.into_inner());
+            ra.inflight = false;
+            if let Some(v) = data.filter(|v| !v.is_empty()) {
+                if ra.epoch == epoch {
+                    let charge = fs.budget.charge(v.len() as u64);
+                    ra.ready = Some((from, Arc::new(v), Some(charge)));
+                }
+            }
+        });
     }
 
     /// Small files: read through the per-inode data cache (charged to the

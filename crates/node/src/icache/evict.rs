@@ -319,9 +319,12 @@ impl Fs {
         }
         self.bufs.invalidate(LockName::Inode(ino));
         self.bufs.forget(ino);
-        // freed data blocks may be reused at once by another node: make the
-        // frees durable first (ordered free)
-        self.log.flush()?;
+        // freed data and indirect blocks may be reused for file data at once,
+        // written in place: make the frees durable first (ordered free). A
+        // dinode-only free needs no flush (its reuse goes through the journal).
+        if !data.is_empty() || !meta.is_empty() {
+            self.log.flush()?;
+        }
         self.stats.inodes_deallocated.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(ino, blocks = data.len() + meta.len() + 1, "deallocated");
         Ok(())

@@ -38,6 +38,19 @@ struct DataBlock {
     _charge: Charge,
 }
 
+/// Read-ahead of a large file read sequentially: the next window, read by a
+/// background thread while the kernel copies the current one.
+#[derive(Default)]
+pub struct Readahead {
+    /// Where the next sequential read is expected.
+    pub next: u64,
+    /// Data ready at `ready_off`.
+    pub ready: Option<(u64, Arc<Vec<u8>>, Option<Charge>)>,
+    pub inflight: bool,
+    /// Bumped by every invalidation: a prefetch started before it is dropped.
+    pub epoch: u64,
+}
+
 /// This node's in-memory presence of an inode.
 pub struct Inode {
     pub ino: u64,
@@ -49,6 +62,8 @@ pub struct Inode {
     pub iopen: Mutex<Option<Holder>>,
     /// Clean file data blocks, valid while the inode glock is held.
     data: Mutex<BTreeMap<u64, DataBlock>>,
+    /// Read-ahead state of large files (also dropped with `drop_data`).
+    pub ra: Mutex<Readahead>,
     pub last_used: AtomicU64,
     /// Link count seen zero under the inode glock.
     pub unlinked: AtomicBool,
@@ -77,12 +92,20 @@ impl Inode {
         let mut d = self.data.lock().unwrap_or_else(|p| p.into_inner());
         let n = d.len();
         d.clear();
+        drop(d);
+        let mut ra = self.ra.lock().unwrap_or_else(|p| p.into_inner());
+        ra.ready = None;
+        ra.epoch += 1;
         n
     }
 
     pub fn drop_data_from(&self, lblk: u64) {
         let mut d = self.data.lock().unwrap_or_else(|p| p.into_inner());
         let _ = d.split_off(&lblk);
+        drop(d);
+        let mut ra = self.ra.lock().unwrap_or_else(|p| p.into_inner());
+        ra.ready = None;
+        ra.epoch += 1;
     }
 
     pub fn data_blocks_cached(&self) -> usize {
@@ -198,6 +221,7 @@ impl ICache {
             opens: AtomicU32::new(0),
             iopen: Mutex::new(iopen),
             data: Mutex::new(BTreeMap::new()),
+            ra: Mutex::new(Readahead::default()),
             last_used: AtomicU64::new(self.tick.fetch_add(1, Ordering::Relaxed)),
             unlinked: AtomicBool::new(false),
             gone: AtomicBool::new(false),
