@@ -319,12 +319,11 @@ impl Fs {
         }
         self.bufs.invalidate(LockName::Inode(ino));
         self.bufs.forget(ino);
-        // freed data and indirect blocks may be reused for file data at once,
-        // written in place: make the frees durable first (ordered free). A
-        // dinode-only free needs no flush (its reuse goes through the journal).
-        if !data.is_empty() || !meta.is_empty() {
-            self.log.flush()?;
-        }
+        // freed blocks may be reused at once (data written in place, a dinode
+        // rewritten): make the frees durable first (ordered free). Skipping it
+        // for dinode-only frees fails the crash-consistency suite (a directory
+        // entry can then name a never-written dinode after replay).
+        self.log.flush()?;
         self.stats.inodes_deallocated.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(ino, blocks = data.len() + meta.len() + 1, "deallocated");
         Ok(())
