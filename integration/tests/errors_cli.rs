@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use mcfs_integration::ops::{self, mcfs, mkfs_image, run, Out};
-use mcfs_integration::{bin, dlmd, is_mounted, secret_file, tempdir, wait_for, Daemon, MountGuard};
+use mcfs_integration::{bin, dlmd, is_mounted, secret_file, tempdir, wait_for, Daemon, LoopDev, MountGuard};
 
 /// `mcfs-node --device DEV --mountpoint MNT --node-id N` plus `args`.
 fn node(dev: &Path, mnt: &Path, id: u32, args: &[&str]) -> Command {
@@ -220,4 +220,175 @@ fn no_dev_fuse_and_not_root() {
     assert!(!d.join("cluster.toml").exists());
     assert!(!is_mounted(&mnt));
     assert!(ops::leftovers(t.path()).is_empty(), "{:?}", ops::leftovers(t.path()));
+}
+
+/// Sum of every sample of `name` (0 when it has none).
+fn total(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| series.split('{').next() == Some(name))
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
+        .sum()
+}
+
+/// A second mcfs-dlm (or mcfs-fenced) on a data directory that a running one
+/// uses is refused naming the first one's pid, instead of sled's lock error;
+/// the first keeps serving, and once it is SIGKILLed the directory is free again.
+#[test]
+fn data_dir_in_use_names_the_running_daemon() {
+    let t = tempdir();
+    let secret = secret_file(t.path()).unwrap();
+    let mut first = dlmd::start_dlm(t.path(), "dlm", &secret, None, &[]).unwrap();
+    let data = t.path().join("dlm.data");
+    let o = run(Command::new(bin("mcfs-dlm")).args(["--listen", "127.0.0.1:0", "--no-fencing", "--secret-file"]).arg(&secret).arg("--data-dir").arg(&data)).unwrap();
+    let want = format!(
+        "data directory {} is in use by another running mcfs-dlm (pid {}); stop it or use another --data-dir",
+        data.display(),
+        first.daemon.pid()
+    );
+    refused(&o, "a second mcfs-dlm on one data directory", &[&want]);
+    assert!(!o.text.contains("could not acquire lock") && !o.text.contains("storage:"), "{}", o.text);
+    assert!(first.daemon.exited().is_none(), "the first one keeps running");
+    assert!(first.scrape().is_ok(), "and serving");
+    // log files get no colour codes (stderr is not a terminal here)
+    let log = first.daemon.log_text();
+    assert!(log.contains("mcfs-dlm listening") && !log.contains('\u{1b}'), "{log}");
+    // the lock dies with its holder, however it dies
+    first.daemon.kill();
+    let again = dlmd::start_dlm(t.path(), "dlm", &secret, None, &[]).unwrap();
+    assert_eq!(fs::read_to_string(data.join("mcfs-dlm.pid")).unwrap().trim(), again.daemon.pid().to_string());
+
+    let conf = dlmd::fence_config(t.path(), &[], &[1]).unwrap();
+    let fenced = dlmd::start_fenced(t.path(), "fenced", &conf, &secret, "127.0.0.1:0", &[]).unwrap();
+    let data = t.path().join("fenced.data");
+    let o = run(Command::new(bin("mcfs-fenced")).args(["--listen", "127.0.0.1:0", "--config"]).arg(&conf).arg("--secret-file").arg(&secret).arg("--data-dir").arg(&data)).unwrap();
+    let want = format!(
+        "data directory {} is in use by another running mcfs-fenced (pid {}); stop it or use another --data-dir",
+        data.display(),
+        fenced.daemon.pid()
+    );
+    refused(&o, "a second mcfs-fenced on one data directory", &[&want]);
+    assert!(!o.text.contains("could not acquire lock") && !o.text.contains("fence store"), "{}", o.text);
+    assert!(fenced.scrape().is_ok(), "the first mcfs-fenced keeps serving");
+}
+
+/// A taken port (gRPC or metrics) is named, with the likely culprit, and
+/// without a misleading "configuration:" prefix.
+#[test]
+fn taken_ports_name_the_address_and_the_likely_culprit() {
+    let t = tempdir();
+    let secret = secret_file(t.path()).unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dlm = |args: &[&str], dir: &str| run(Command::new(bin("mcfs-dlm")).args(["--no-fencing", "--secret-file"]).arg(&secret).arg("--data-dir").arg(t.path().join(dir)).args(args)).unwrap();
+    let o = dlm(&["--listen", &addr], "d1");
+    refused(&o, "mcfs-dlm on a taken port", &[&format!("mcfs-dlm: cannot listen on {addr}: Address already in use (another mcfs-dlm running?)")]);
+    assert!(!o.text.contains("configuration:"), "{}", o.text);
+    let o = dlm(&["--listen", "127.0.0.1:0", "--metrics", &addr], "d2");
+    refused(&o, "mcfs-dlm with its metrics port taken", &[&format!("mcfs-dlm: cannot listen on {addr} (--metrics): Address already in use (another mcfs-dlm running?)")]);
+    assert!(!o.text.contains("configuration:"), "{}", o.text);
+
+    let conf = dlmd::fence_config(t.path(), &[], &[1]).unwrap();
+    let fenced = |args: &[&str], dir: &str| run(Command::new(bin("mcfs-fenced")).arg("--config").arg(&conf).arg("--secret-file").arg(&secret).arg("--data-dir").arg(t.path().join(dir)).args(args)).unwrap();
+    let o = fenced(&["--listen", &addr], "f1");
+    refused(&o, "mcfs-fenced on a taken port", &[&format!("mcfs-fenced: cannot listen on {addr}: Address already in use (another mcfs-fenced running?)")]);
+    let o = fenced(&["--listen", "127.0.0.1:0", "--metrics", &addr], "f2");
+    refused(&o, "mcfs-fenced with its metrics port taken", &[&format!("mcfs-fenced: cannot listen on {addr} (--metrics): Address already in use (another mcfs-fenced running?)")]);
+}
+
+/// `mcfs-dlm --check-config`: flags over the TOML file, checked and summed up
+/// in one line, without creating the data directory or listening anywhere.
+#[test]
+fn dlm_check_config_checks_without_opening_anything() {
+    let t = tempdir();
+    let secret = secret_file(t.path()).unwrap();
+    // a taken port: checking must not try to listen on it
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let data = t.path().join("never-created");
+    let toml = t.path().join("dlm.toml");
+    let body = format!(
+        "listen = \"{addr}\"\ndata_dir = \"{}\"\nsecret_file = \"{}\"\nfence = \"127.0.0.1:7791\"\ncluster_name = \"mine\"\nlease_ms = 4000\n",
+        data.display(),
+        secret.display()
+    );
+    fs::write(&toml, &body).unwrap();
+    let check = |extra: &[&str]| run(Command::new(bin("mcfs-dlm")).arg("--check-config").arg("--config").arg(&toml).args(extra)).unwrap();
+    let o = check(&[]);
+    assert_eq!(o.code, 0, "{}", o.text);
+    assert_eq!(o.stdout.lines().count(), 1, "one line: {}", o.stdout);
+    for w in ["configuration OK", &addr, &data.display().to_string(), "mcfs-fenced at 127.0.0.1:7791", "cluster mine", "lease 4000 ms", "heartbeat 1000 ms"] {
+        assert!(o.stdout.contains(w), "the summary should say {w:?}: {}", o.stdout);
+    }
+    assert!(!data.exists(), "--check-config created the data directory");
+    // flags win over the file
+    let o = check(&["--lease-ms", "5000", "--cluster-name", "other"]);
+    assert!(o.ok() && o.stdout.contains("lease 5000 ms") && o.stdout.contains("cluster other"), "{}", o.text);
+    // and every error is one exit 1 naming what is wrong
+    for (bad, say) in [
+        (body.replace("lease_ms = 4000", "lease_ms = 1000"), "lease (1000 ms) must be at least twice the heartbeat"),
+        (body.replace("lease_ms", "lease_msec"), "lease_msec"),
+        (body.replace("cluster_name = \"mine\"", "cluster_name = \"mi:ne\""), "cluster_name \"mi:ne\""),
+        (body.replace(&secret.display().to_string(), "/nonexistent/secret"), "/nonexistent/secret"),
+        (body.replace(&format!("listen = \"{addr}\""), "listen = \"no-port-here\""), "no-port-here"),
+        (body.replace("fence = \"127.0.0.1:7791\"\n", ""), "refusing to start without fencing"),
+    ] {
+        fs::write(&toml, &bad).unwrap();
+        let o = check(&[]);
+        assert_eq!(o.code, 1, "{say}: {}", o.text);
+        assert!(o.stdout.is_empty() && o.text.contains(say), "the error should say {say:?}: {}", o.text);
+    }
+    assert!(!data.exists());
+}
+
+/// With `--cluster-name`, a lock server refuses a filesystem made for another
+/// cluster at Join: the node says why and exits, it never became a member, and
+/// so nothing about it is fenced.
+#[test]
+fn a_filesystem_of_another_cluster_is_refused_and_nobody_is_fenced() {
+    let t = tempdir();
+    let dir = t.path();
+    let secret = secret_file(dir).unwrap();
+    let conf = dlmd::fence_config(dir, &[], &[1]).unwrap();
+    let fenced = dlmd::start_fenced(dir, "fenced", &conf, &secret, "127.0.0.1:0", &[]).unwrap();
+    let dlm = dlmd::start_dlm(dir, "dlm", &secret, Some(&fenced.addr), &["--cluster-name", "mine", "--heartbeat-ms", "300", "--lease-ms", "1000"]).unwrap();
+    let dev = LoopDev::new_image(dir, 128 << 20).unwrap();
+    ops::mkfs(&dev.path, &["-p", "dlm", "-t", "other:fs", "-J", "8"]).unwrap();
+    let mnt = mountpoint(dir, "mnt");
+    let _m = MountGuard { path: mnt.clone() };
+    let o = run(node(&dev.path, &mnt, 1, &["--dlm", &dlm.addr, "--secret-file"]).arg(&secret)).unwrap();
+    refused(&o, "a filesystem of another cluster", &["filesystem table other:fs belongs to cluster other; this lock server serves cluster mine"]);
+    assert!(!is_mounted(&mnt));
+    let log = dlm.daemon.log_text();
+    assert!(log.contains("join refused") && log.contains("other:fs"), "the lock server logs the refusal:\n{log}");
+    // Nothing was created for it: no lockspace, so no member whose lease could
+    // expire. Still, look again after a whole lease has passed.
+    let check = || {
+        let m = dlm.scrape().unwrap();
+        assert_eq!(dlmd::metric(&m, "mcfs_dlm_lockspaces", &[]), Some(0.0), "{m}");
+        assert_eq!(dlmd::metric(&m, "mcfs_dlm_sessions", &[]), Some(0.0), "{m}");
+        assert_eq!(total(&m, "mcfs_dlm_joins_total"), 0.0, "{m}");
+        assert_eq!(total(&m, "mcfs_dlm_fence_calls_total"), 0.0, "{m}");
+        let f = fenced.scrape().unwrap();
+        assert_eq!(dlmd::metric(&f, "mcfs_fenced_operations_in_progress", &[]), Some(0.0), "{f}");
+        assert_eq!(total(&f, "mcfs_fenced_operations_total"), 0.0, "{f}");
+        let o = run(mcfs(&["locks", "--json", "--dlm", &dlm.addr, "--secret-file"]).arg(&secret).args(["--cluster-dir", "/nonexistent"])).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", o.text));
+        assert_eq!(v["lockspaces"].as_array().map(Vec::len), Some(0), "{v:#}");
+    };
+    check();
+    // a negative cannot be waited for: let one lease (1 s) and a reaper tick pass
+    std::thread::sleep(Duration::from_millis(1500));
+    check();
+    // and a filesystem of this cluster mounts as usual
+    ops::mkfs(&dev.path, &["-f", "-p", "dlm", "-t", "mine:fs", "-J", "8"]).unwrap();
+    let mut d = Daemon::spawn("node1", node(&dev.path, &mnt, 1, &["--dlm", &dlm.addr, "--secret-file"]).arg(&secret), dir.join("node1.log")).unwrap();
+    wait_for("node 1 mounted mine:fs", Duration::from_secs(30), || {
+        assert!(d.exited().is_none(), "node 1 exited:\n{}", d.log_text());
+        is_mounted(&mnt).then_some(())
+    })
+    .unwrap();
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(Duration::from_secs(30)).unwrap().success(), "{}", d.log_text());
 }

@@ -48,6 +48,10 @@ pub struct ServerConfig {
     pub keepalive_ms: u64,
     /// Calls to mcfs-fenced.
     pub fence: FenceOptions,
+    /// The cluster this server serves: when set, a Join must name a lockspace
+    /// `<cluster_name>:<fsname>` (a filesystem made with `mkfs -t
+    /// <cluster_name>:...`); any other is refused. Unset: every lockspace.
+    pub cluster_name: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +74,7 @@ impl Default for ServerConfig {
             request_timeout_ms: 30_000,
             keepalive_ms: 10_000,
             fence: FenceOptions::default(),
+            cluster_name: None,
         }
     }
 }
@@ -112,8 +117,41 @@ impl ServerConfig {
         if self.fence.retry_max < self.fence.retry_min {
             return Err(Error::Config("fence_retry_max_ms must be at least fence_retry_min_ms".into()));
         }
+        if let Some(c) = &self.cluster_name {
+            check_cluster_name(c)?;
+        }
         Ok(())
     }
+
+    /// May a node join lockspace `name`? Refused when it belongs to another
+    /// cluster than `cluster_name` (if set): its filesystem was made for
+    /// another cluster, and mixing clusters' lockspaces on one server is how
+    /// the wrong lock server ends up guarding a disk.
+    pub fn check_lockspace_cluster(&self, name: &str) -> Result<()> {
+        let Some(mine) = &self.cluster_name else { return Ok(()) };
+        match name.split_once(':') {
+            Some((cluster, _)) if cluster == mine => Ok(()),
+            Some((cluster, _)) => Err(Error::FailedPrecondition(format!(
+                "filesystem table {name} belongs to cluster {cluster}; this lock server serves cluster {mine}"
+            ))),
+            None => Err(Error::FailedPrecondition(format!(
+                "filesystem table {name} names no cluster (CLUSTER:FSNAME); this lock server serves cluster {mine}"
+            ))),
+        }
+    }
+}
+
+/// The rule mkfs applies to the cluster part of `-t CLUSTER:FSNAME`
+/// (`mcfs_format::sb::parse_table`): a name that mkfs cannot write could never
+/// match a filesystem.
+fn check_cluster_name(c: &str) -> Result<()> {
+    if c.is_empty() || c.len() > 31 {
+        return Err(Error::Config(format!("cluster_name {c:?} must be 1 to 31 characters")));
+    }
+    if !c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(Error::Config(format!("cluster_name {c:?} may contain only letters, digits, '-' and '_'")));
+    }
+    Ok(())
 }
 
 /// Every setting, as flags and as TOML keys (all optional; flags win).
@@ -129,6 +167,10 @@ pub struct Settings {
     /// File holding the cluster secret.
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
+    /// The cluster this server serves: refuse filesystems (lock tables
+    /// CLUSTER:FSNAME) made for another cluster. Recommended.
+    #[arg(long)]
+    pub cluster_name: Option<String>,
     /// Address of mcfs-fenced.
     #[arg(long, conflicts_with = "no_fencing")]
     pub fence: Option<String>,
@@ -222,7 +264,7 @@ impl Settings {
 
     /// `self` (from the file) with every setting `flags` gives replaced.
     pub fn overlaid(mut self, flags: &Settings) -> Settings {
-        overlay!(self, flags; listen, data_dir, secret_file, fence, addr_file, metrics, metrics_addr_file,
+        overlay!(self, flags; listen, data_dir, secret_file, cluster_name, fence, addr_file, metrics, metrics_addr_file,
             heartbeat_ms, lease_ms, grace_ms, max_sessions, max_lockspaces, max_locks_per_node,
             max_pending_per_node, event_queue_soft, event_queue_hard, evict_after_ms, max_connections,
             handshake_timeout_ms, max_streams_per_connection, max_message_bytes, request_timeout_ms,
@@ -254,6 +296,9 @@ impl Settings {
             request_timeout_ms => c.request_timeout_ms,
             keepalive_ms => c.keepalive_ms,
         );
+        if self.cluster_name.is_some() {
+            c.cluster_name = self.cluster_name.clone();
+        }
         if let Some(v) = self.fence_call_timeout_ms {
             c.fence.call_timeout = Duration::from_millis(v);
         }
@@ -292,6 +337,33 @@ mod tests {
             ServerConfig { max_streams_per_connection: 2, ..Default::default() },
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn cluster_name_from_file_or_flag_refuses_other_clusters() {
+        let file: Settings = toml::from_str("cluster_name = \"prod\"\n").unwrap();
+        let mut c = ServerConfig::default();
+        file.clone().overlaid(&Settings::default()).apply(&mut c);
+        assert_eq!(c.cluster_name.as_deref(), Some("prod"));
+        let flags = Settings { cluster_name: Some("mine".into()), ..Default::default() };
+        let mut c = ServerConfig::default();
+        file.overlaid(&flags).apply(&mut c);
+        assert_eq!(c.cluster_name.as_deref(), Some("mine"), "flags win");
+        c.validate().unwrap();
+        c.check_lockspace_cluster("mine:fs").unwrap();
+        let e = c.check_lockspace_cluster("other:fs").unwrap_err();
+        assert_eq!(
+            e,
+            Error::FailedPrecondition("filesystem table other:fs belongs to cluster other; this lock server serves cluster mine".into())
+        );
+        assert!(c.check_lockspace_cluster("minefs").unwrap_err().to_string().contains("names no cluster"));
+        assert!(c.check_lockspace_cluster("mine2:fs").is_err(), "a prefix is not the cluster");
+        // unset: anything goes
+        ServerConfig::default().check_lockspace_cluster("other:fs").unwrap();
+        for bad in ["", "a:b", "has space", "x".repeat(32).as_str()] {
+            let c = ServerConfig { cluster_name: Some(bad.into()), ..Default::default() };
+            assert!(c.validate().unwrap_err().to_string().contains("cluster_name"), "{bad:?}");
         }
     }
 }

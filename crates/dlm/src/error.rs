@@ -40,6 +40,10 @@ pub enum Error {
     Store(String),
     #[error("configuration: {0}")]
     Config(String),
+    /// A daemon cannot start (data directory in use, port taken), already
+    /// phrased for the operator: shown as is, without a prefix.
+    #[error("{0}")]
+    Startup(String),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -62,7 +66,7 @@ impl From<Error> for Status {
             Error::Unavailable(m) => Status::unavailable(m),
             Error::Unauthenticated(m) => Status::unauthenticated(m),
             Error::Rpc { code, message } => Status::new(code, message),
-            Error::Store(_) | Error::Config(_) | Error::Internal(_) => Status::internal(msg),
+            Error::Store(_) | Error::Config(_) | Error::Startup(_) | Error::Internal(_) => Status::internal(msg),
         }
     }
 }

@@ -13,12 +13,15 @@
 //! * [`metrics`]: the server's counters (Prometheus `GET /metrics`, `Stats`).
 //! * [`net`]: what sits between a port and a service in every mcfs daemon:
 //!   the guarded accept loop, the metrics exposition and its HTTP responder.
+//! * [`datadir`]: the lock (and pid file) a daemon holds on its data
+//!   directory, shared with mcfs-fenced.
 //! * [`config`], [`error`]: settings and the crate's one error type.
 
 pub mod bench;
 pub mod client;
 pub mod config;
 pub mod core;
+pub mod datadir;
 pub mod error;
 pub mod fence_client;
 pub mod metrics;

@@ -2,7 +2,9 @@
 
 use clap::{Parser, Subcommand};
 use mcfs_dlm::config::{ServerConfig, Settings};
+use mcfs_dlm::datadir::DataDirLock;
 use mcfs_dlm::fence_client::FenceClient;
+use mcfs_dlm::net::bind;
 use mcfs_dlm::{Error, Result};
 use mcfs_proto::auth::Secret;
 use std::path::PathBuf;
@@ -24,6 +26,10 @@ struct ServeArgs {
     /// TOML file with any of these settings (same names with `_`; flags win).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Load and check the settings (flags and --config), print a one-line
+    /// summary and exit 0, or the error and exit 1; opens and listens on nothing.
+    #[arg(long)]
+    check_config: bool,
 }
 
 #[derive(Subcommand)]
@@ -51,6 +57,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in journald or a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -63,6 +71,9 @@ fn main() -> ExitCode {
     let res = rt.block_on(async {
         match cli.cmd {
             Some(Cmd::Bench { addr, secret_file, seconds, json }) => bench(addr, secret_file, seconds, json).await,
+            None if cli.serve.check_config => {
+                plan(&cli.serve).await.map(|p| println!("{}", summary(&p, cli.serve.config.as_deref())))
+            }
             None => serve(cli.serve).await,
         }
     });
@@ -96,7 +107,19 @@ async fn bench(addr: Option<String>, secret_file: Option<PathBuf>, seconds: f64,
     Ok(())
 }
 
-async fn serve(a: ServeArgs) -> Result<()> {
+/// Everything `serve` needs, resolved and checked, with nothing opened yet.
+struct Plan {
+    set: Settings,
+    cfg: ServerConfig,
+    listen: String,
+    data_dir: PathBuf,
+    secret: Secret,
+    fence: FenceClient,
+}
+
+/// Flags over the TOML file, every value checked (the secret read, the
+/// addresses parsed or resolved), without touching the data directory or any port.
+async fn plan(a: &ServeArgs) -> Result<Plan> {
     let file = match &a.config {
         Some(p) => Settings::load(p)?,
         None => Settings::default(),
@@ -110,14 +133,20 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let secret_file =
         set.secret_file.clone().ok_or_else(|| Error::Config("--secret-file FILE is required".into()))?;
     let secret = Secret::from_file(&secret_file).map_err(Error::Config)?;
+    for (what, addr) in [("--listen", Some(&listen)), ("--metrics", set.metrics.as_ref())] {
+        if let Some(addr) = addr {
+            let mut found = tokio::net::lookup_host(addr.as_str())
+                .await
+                .map_err(|e| Error::Config(format!("{what} {addr} is not an address to listen on: {e}")))?;
+            if found.next().is_none() {
+                return Err(Error::Config(format!("{what} {addr} resolves to no address")));
+            }
+        }
+    }
     let fence = match (set.fence.clone(), set.no_fencing) {
         (Some(_), true) => return Err(Error::Config("--fence and --no-fencing are exclusive".into())),
         (Some(addr), false) => FenceClient::agent_with(&addr, secret.clone(), cfg.fence.clone())?,
-        (None, true) => {
-            tracing::warn!("*** FENCING IS DISABLED (--no-fencing): a failed node is assumed dead at once. ***");
-            tracing::warn!("*** This is only safe when every node is a process on this host that is really gone. ***");
-            FenceClient::Disabled
-        }
+        (None, true) => FenceClient::Disabled,
         (None, false) => {
             return Err(Error::Config(
                 "refusing to start without fencing: give --fence ADDR (mcfs-fenced), or --no-fencing for a single-host demo"
@@ -125,24 +154,51 @@ async fn serve(a: ServeArgs) -> Result<()> {
             ))
         }
     };
+    Ok(Plan { set, cfg, listen, data_dir, secret, fence })
+}
+
+/// `--check-config`: the one line that says what a start would use.
+fn summary(p: &Plan, config: Option<&std::path::Path>) -> String {
+    let from = config.map(|c| format!("{} and flags", c.display())).unwrap_or_else(|| "flags".into());
+    let cluster = match &p.cfg.cluster_name {
+        Some(c) => format!("cluster {c} (other clusters' filesystems refused)"),
+        None => "any cluster (cluster_name not set)".into(),
+    };
+    let metrics = p.set.metrics.as_deref().map(|m| format!(", metrics on {m}")).unwrap_or_default();
+    format!(
+        "mcfs-dlm configuration OK ({from}): listen {}, data dir {}, fencing {}, {cluster}, heartbeat {} ms, lease {} ms, grace {} ms{metrics}",
+        p.listen,
+        p.data_dir.display(),
+        p.fence.describe(),
+        p.cfg.heartbeat_ms,
+        p.cfg.lease_ms,
+        p.cfg.grace_ms,
+    )
+}
+
+async fn serve(a: ServeArgs) -> Result<()> {
+    let Plan { set, cfg, listen, data_dir, secret, fence } = plan(&a).await?;
+    if matches!(fence, FenceClient::Disabled) {
+        tracing::warn!("*** FENCING IS DISABLED (--no-fencing): a failed node is assumed dead at once. ***");
+        tracing::warn!("*** This is only safe when every node is a process on this host that is really gone. ***");
+    }
+    // Before sled opens it: a second server on one database must be refused
+    // naming the first, not by sled's lock error.
+    let _dir_lock = DataDirLock::acquire(&data_dir, "mcfs-dlm")?;
     let store = mcfs_dlm::store::Store::open(&data_dir)?;
-    let listener =
-        tokio::net::TcpListener::bind(&listen).await.map_err(|e| Error::Config(format!("cannot listen on {listen}: {e}")))?;
+    let listener = bind(&listen, "mcfs-dlm", None).await.map_err(Error::Startup)?;
     let metrics = match &set.metrics {
-        Some(m) => Some(
-            tokio::net::TcpListener::bind(m)
-                .await
-                .map_err(|e| Error::Config(format!("cannot serve metrics on {m}: {e}")))?,
-        ),
+        Some(m) => Some(bind(m, "mcfs-dlm", Some("--metrics")).await.map_err(Error::Startup)?),
         None => None,
     };
     let h = mcfs_dlm::service::start(cfg.clone(), store, secret, fence.clone(), listener).await?;
     tracing::info!(
         addr = %h.addr, epoch = h.shared.epoch, data_dir = %data_dir.display(), fencing = %fence.describe(),
+        cluster = cfg.cluster_name.as_deref().unwrap_or("(any: cluster_name not set)"),
         heartbeat_ms = cfg.heartbeat_ms, lease_ms = cfg.lease_ms, grace_ms = cfg.grace_ms, "mcfs-dlm listening"
     );
     if let Some(l) = metrics {
-        let at = l.local_addr().map_err(|e| Error::Config(format!("metrics listener: {e}")))?;
+        let at = l.local_addr().map_err(|e| Error::Startup(format!("metrics listener: {e}")))?;
         tokio::spawn(mcfs_dlm::service::serve_metrics(h.shared.clone(), l));
         tracing::info!(addr = %at, "serving Prometheus metrics on http://{at}/metrics");
         if let Some(p) = &set.metrics_addr_file {
@@ -168,5 +224,5 @@ fn write_addr(p: &std::path::Path, addr: &str) -> Result<()> {
     let tmp = p.with_extension("tmp");
     std::fs::write(&tmp, format!("{addr}\n"))
         .and_then(|_| std::fs::rename(&tmp, p))
-        .map_err(|e| Error::Config(format!("cannot write {}: {e}", p.display())))
+        .map_err(|e| Error::Startup(format!("cannot write {}: {e}", p.display())))
 }

@@ -46,7 +46,18 @@ impl Store {
             .path(dir.join("dlm.sled"))
             .flush_every_ms(None)
             .open()
-            .map_err(|e| Error::Store(format!("open {}: {e}", dir.display())))?;
+            .map_err(|e| {
+                if crate::datadir::is_sled_lock_error(&e) {
+                    // mcfs-dlm takes DataDirLock first; this is some other holder.
+                    Error::Startup(format!(
+                        "data directory {} is in use by another process (its database {} is locked); stop it or use another --data-dir",
+                        dir.display(),
+                        dir.join("dlm.sled").display()
+                    ))
+                } else {
+                    Error::Store(format!("open {}: {e}", dir.display()))
+                }
+            })?;
         let (flushed, _) = tokio::sync::watch::channel(0);
         Ok(Arc::new(Store { db, written: AtomicU64::new(0), flushed, kick: tokio::sync::Notify::new() }))
     }
@@ -253,5 +264,14 @@ mod tests {
         assert_eq!(l.saved.members[0].journal, 2);
         assert_eq!(l.saved.recoveries[0].state, RecoveryState::NeedsReplay);
         assert_eq!(l.saved.lvbs, vec![(b"rgrp/\x00\xff".to_vec(), Lvb { data: b"abc".to_vec(), seq: 7, valid: false })]);
+    }
+
+    #[test]
+    fn a_database_open_elsewhere_is_named_not_a_sled_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        let e = Store::open(dir.path()).err().unwrap();
+        let want = format!("data directory {} is in use by another process", dir.path().display());
+        assert!(matches!(&e, Error::Startup(m) if m.starts_with(&want) && m.ends_with("use another --data-dir")), "{e}");
     }
 }

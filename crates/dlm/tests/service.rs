@@ -122,6 +122,36 @@ async fn limits_are_clear_statuses() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filesystem_of_another_cluster_is_refused_before_it_joins() {
+    let cfg = ServerConfig { cluster_name: Some("mine".into()), ..quick_cfg() };
+    let s = server(cfg, FenceClient::Disabled).await;
+    let mut r = raw(&s.addr(), Some(secret())).await;
+    let j = pb::JoinRequest { lockspace: "other:fs".into(), node_id: 1, ..Default::default() };
+    let st = r.join(j).await.unwrap_err();
+    assert_eq!(st.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(st.message(), "filesystem table other:fs belongs to cluster other; this lock server serves cluster mine");
+    // the client library hands it on as it came
+    let e = mcfs_dlm::DlmClient::connect(mcfs_dlm::ClientConfig {
+        addr: s.addr(),
+        secret: secret(),
+        lockspace: "other:fs".into(),
+        node_id: 2,
+        admin_addr: String::new(),
+    })
+    .await
+    .err()
+    .unwrap();
+    assert!(matches!(&e, ClientError::FailedPrecondition(m) if m.contains("belongs to cluster other")), "{e:?}");
+    // nothing was created for it: no lockspace, no member, so nothing to fence
+    let (a, _ae) = client(&s.addr(), "mine:fs", 1).await;
+    a.lock(b"r", Mode::EX, 0).await.unwrap();
+    let d = r.dump(pb::DumpRequest { lockspace: String::new(), locks: false }).await.unwrap().into_inner();
+    let names: Vec<_> = d.lockspaces.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["mine:fs"]);
+    assert_eq!(s.handle.shared.metrics.joins.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_calls_are_refused_and_change_nothing() {
     let s = server(quick_cfg(), FenceClient::Disabled).await;
     let (a, _e) = client(&s.addr(), "c:fs", 1).await;

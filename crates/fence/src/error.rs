@@ -32,6 +32,10 @@ pub enum FenceError {
     #[error("fence store: {0}")]
     Store(#[from] sled::Error),
 
+    /// Another process has the fence log open (phrased for the operator).
+    #[error("{0}")]
+    DataDirInUse(String),
+
     #[error("fence store record {key:?} cannot be decoded: {msg}")]
     Corrupt { key: String, msg: String },
 
@@ -72,6 +76,7 @@ impl From<FenceError> for Status {
             FenceError::TooBusy { .. } => Code::ResourceExhausted,
             FenceError::Config { .. }
             | FenceError::Store(_)
+            | FenceError::DataDirInUse(_)
             | FenceError::Corrupt { .. }
             | FenceError::Io { .. } => Code::Internal,
         };

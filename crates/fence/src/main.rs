@@ -2,8 +2,10 @@
 //! (`crates/fence/src/lib.rs`) and docs/RECOVERY.md "# Fencing".
 
 use clap::Parser;
+use mcfs_dlm::datadir::DataDirLock;
+use mcfs_dlm::net::bind;
 use mcfs_fence::config::ServerSettings;
-use mcfs_fence::{Config, Engine, FencerService};
+use mcfs_fence::{Config, Engine, FenceError, FencerService};
 use mcfs_proto::auth::Secret;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -91,24 +93,28 @@ async fn run(args: Args) -> Result<(), String> {
         );
         return Ok(());
     }
+    // Before sled opens it: a second daemon on one fence log must be refused
+    // naming the first, not by sled's lock error. Held until exit.
+    let _dir_lock =
+        DataDirLock::acquire(&args.data_dir, "mcfs-fenced").map_err(|e| e.to_string())?;
     let engine = Engine::open(cfg, &args.data_dir)
         .await
-        .map_err(|e| format!("data dir {}: {e}", args.data_dir.display()))?;
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+        .map_err(|e| match e {
+            FenceError::DataDirInUse(_) => e.to_string(),
+            e => format!("data dir {}: {e}", args.data_dir.display()),
+        })?;
+    let listener = bind(&args.listen, "mcfs-fenced", None).await?;
     let addr = listener
         .local_addr()
         .map_err(|e| format!("local address: {e}"))?;
     if let Some(m) = &server.metrics {
-        let l = tokio::net::TcpListener::bind(m)
-            .await
-            .map_err(|e| format!("cannot serve metrics on {m}: {e}"))?;
+        let l = bind(m, "mcfs-fenced", Some("--metrics")).await?;
         let at = l
             .local_addr()
             .map_err(|e| format!("metrics address: {e}"))?;
         let e = engine.clone();
-        let render: mcfs_dlm::net::metrics::Render = std::sync::Arc::new(move || e.render_metrics());
+        let render: mcfs_dlm::net::metrics::Render =
+            std::sync::Arc::new(move || e.render_metrics());
         tokio::spawn(mcfs_dlm::net::metrics::serve(l, render));
         tracing::info!(addr = %at, "serving Prometheus metrics on http://{at}/metrics");
         if let Some(f) = &server.metrics_addr_file {

@@ -122,7 +122,21 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store> {
         std::fs::create_dir_all(dir)
             .map_err(|e| FenceError::io(format!("create data dir {}", dir.display()), e))?;
-        let db = sled::Config::new().path(dir.join("fence.sled")).open()?;
+        let db = sled::Config::new()
+            .path(dir.join("fence.sled"))
+            .open()
+            .map_err(|e| {
+                if mcfs_dlm::datadir::is_sled_lock_error(&e) {
+                    // mcfs-fenced takes DataDirLock first; this is some other holder.
+                    FenceError::DataDirInUse(format!(
+                        "data directory {} is in use by another process (its database {} is locked); stop it or use another --data-dir",
+                        dir.display(),
+                        dir.join("fence.sled").display()
+                    ))
+                } else {
+                    FenceError::Store(e)
+                }
+            })?;
         Ok(Store {
             ops: db.open_tree("ops")?,
             nodes: db.open_tree("nodes")?,
@@ -319,6 +333,22 @@ mod tests {
         let all = s.refused(usize::MAX).unwrap();
         assert_eq!(all.len(), MAX_REFUSED);
         assert_eq!(all[0].at_ms, (MAX_REFUSED + 4) as u64);
+    }
+
+    #[test]
+    fn a_database_open_elsewhere_is_named_not_a_sled_error() {
+        let d = tempfile::tempdir().unwrap();
+        let _first = Store::open(d.path()).unwrap();
+        let e = Store::open(d.path()).err().unwrap();
+        assert!(matches!(e, FenceError::DataDirInUse(_)), "{e:?}");
+        let want = format!(
+            "data directory {} is in use by another process",
+            d.path().display()
+        );
+        assert!(
+            e.to_string().starts_with(&want) && e.to_string().ends_with("use another --data-dir"),
+            "{e}"
+        );
     }
 
     #[test]

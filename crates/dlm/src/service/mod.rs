@@ -199,6 +199,9 @@ impl Shared {
             next_session: AtomicU64::new(1),
         });
         for s in stored {
+            if let Err(e) = shared.cfg.check_lockspace_cluster(&s.name) {
+                tracing::warn!(lockspace = %s.name, "restored lockspace of another cluster: its nodes will be refused when they rejoin ({e})");
+            }
             let mut fx = Vec::new();
             let generation = s.saved.generation;
             let core = Lockspace::restore(&s.name, epoch, shared.cfg.limits.clone(), s.saved, &mut fx);

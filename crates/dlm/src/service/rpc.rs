@@ -34,6 +34,9 @@ impl DlmService {
 
 const MAX_ADMIN_ADDR: usize = 256;
 
+/// A node retrying a refused join must not flood the log.
+static REFUSED_JOIN_LOG: crate::net::RateLog = crate::net::RateLog::new(Duration::from_secs(10), 5);
+
 fn check_lockspace_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > MAX_NAME || name.chars().any(|c| c.is_control() || c == '/') {
         return Err(Error::InvalidArgument(format!(
@@ -46,6 +49,14 @@ fn check_lockspace_name(name: &str) -> Result<()> {
 impl Shared {
     fn join(self: &Arc<Self>, r: JoinRequest) -> Result<(JoinReply, u64)> {
         check_lockspace_name(&r.lockspace)?;
+        // Before anything exists for it: a refused node has no member record,
+        // so nothing about it can ever need fencing.
+        if let Err(e) = self.cfg.check_lockspace_cluster(&r.lockspace) {
+            if let Some(n) = REFUSED_JOIN_LOG.allow() {
+                tracing::warn!(lockspace = %r.lockspace, node = r.node_id, suppressed = n, "join refused: {e}");
+            }
+            return Err(e);
+        }
         if r.admin_addr.len() > MAX_ADMIN_ADDR {
             return Err(Error::InvalidArgument(format!("admin_addr longer than {MAX_ADMIN_ADDR} bytes")));
         }

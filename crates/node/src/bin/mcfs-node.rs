@@ -179,7 +179,7 @@ fn run(cfg: Config) -> Result<(), String> {
         mcfs_node::FsError::Corrupt(fe) if fe.to_string().contains("bad magic") => {
             format!("{} is not an mcfs filesystem (no mcfs superblock at 64 KiB or in the last block)", cfg.device.display())
         }
-        _ => format!("{}: the mcfs superblock is damaged: {e} (fsck.mcfs can repair it from its backup)", cfg.device.display()),
+        _ => format!("{}: not a usable mcfs filesystem: {e}, and no intact backup superblock in the last block either (fsck.mcfs reports what it finds)", cfg.device.display()),
     })?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("mcfs-rt").build().map_err(|e| format!("runtime: {e}"))?;
     let fs_cell: Arc<OnceLock<Arc<Fs>>> = Arc::new(OnceLock::new());
