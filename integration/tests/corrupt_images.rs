@@ -29,8 +29,8 @@
 //!    the node must mount and read the repaired image without withdrawing.
 //!
 //! No daemon may crash (a signal, or the panic exit code 101) or log a panic.
-//! The suite runs the first family (checksum failures); the re-sealed family
-//! and focused reproducers of the bugs it found are `#[ignore]`d until fixed.
+//! Both families run in the suite, with focused reproducers of the bugs the
+//! campaigns found (each was a panic; each now withdraws or is repaired).
 //! `MCFS_CORRUPT_ITERS=N` runs N images (default below), `MCFS_CORRUPT_SEED=S`
 //! changes the seed, `MCFS_CORRUPT_ONLY=I` runs iteration I alone (failures
 //! print the seed and iteration), `MCFS_CORRUPT_KEEP=DIR` keeps failing images.
@@ -1130,10 +1130,8 @@ fn corrupted_images_checksum_failures() {
 
 /// Fields, pointers, directory entries and bytes changed in blocks that are
 /// re-sealed, so only the structures' own checks stand between them and the
-/// node. Ignored until the panics it finds are fixed (each has a focused
-/// reproducer below).
+/// node. (The panics it first found each have a focused reproducer below.)
 #[test]
-#[ignore = "bug: mcfs-node panics on re-sealed metadata (attr_of overflow on a huge dinode `blocks`; set_block_states underflow when bitmap and rgrp counters disagree) and then unmounts 'cleanly'"]
 fn corrupted_images_resealed_fields() {
     campaign(Family::Resealed, 200, 0x5ea1_ed00);
 }
@@ -1198,7 +1196,6 @@ fn expect_withdraw(bs: u32, change: impl Fn(&Base, &mut Vec<u8>), action: impl F
 /// an arithmetic overflow in the FUSE thread; the session ends and the daemon
 /// then unmounts "cleanly" and exits 0.
 #[test]
-#[ignore = "bug: Dinode::decode accepts a `blocks` count beyond the device and Fs::attr_of overflows (panic)"]
 fn dinode_with_an_impossible_block_count() {
     expect_withdraw(
         4096,
@@ -1216,7 +1213,6 @@ fn dinode_with_an_impossible_block_count() {
 /// `hdr.dinodes -= 1` after it already changed the bitmap buffer, and panics
 /// with an underflow inside the transaction.
 #[test]
-#[ignore = "bug: Fs::set_block_states underflows rgrp counters that disagree with the bitmap (panic mid-transaction) instead of withdrawing"]
 fn rgrp_counters_that_disagree_with_the_bitmap() {
     expect_withdraw(
         4096,
@@ -1290,11 +1286,9 @@ fn damaged_superblocks() {
     assert_eq!(code, 0, "{out}");
 }
 
-/// An rgrp header whose generation (header `seq`) is at u64::MAX, re-sealed.
-/// The node allocates there and computes `hdr.generation + 1` for the bitmap
-/// (panic: add with overflow, crates/node/src/rgrp.rs in `alloc`-side code).
+/// An rgrp header whose generation (header `seq`) is at u64::MAX, re-sealed:
+/// the node's next allocation there withdraws instead of wrapping it.
 #[test]
-#[ignore = "bug: rgrp generation u64::MAX overflows in the node's allocator (rgrp.rs `hdr.generation + 1`) instead of withdrawing"]
 fn rgrp_generation_at_its_limit_node() {
     expect_withdraw(
         4096,
@@ -1308,10 +1302,9 @@ fn rgrp_generation_at_its_limit_node() {
     );
 }
 
-/// The same image given to fsck.mcfs: `-n` and `-y` panic (add with overflow
-/// in tools/fsck/src/blockmap.rs `reconcile`, `info.generation + 1`).
+/// The same image given to fsck.mcfs: `-n` reports it, `-y` restarts the
+/// rgrp's generations at 1 and a second `-n` is clean.
 #[test]
-#[ignore = "bug: fsck.mcfs panics on an rgrp generation of u64::MAX (blockmap.rs reconcile `info.generation + 1`)"]
 fn rgrp_generation_at_its_limit_fsck() {
     let work = mcfs_integration::tempdir();
     let base = build_base(work.path(), "gen", 4096);
@@ -1322,10 +1315,12 @@ fn rgrp_generation_at_its_limit_fsck() {
     put(blk, 16, 8, u64::MAX);
     header::reseal(blk);
     fs::write(&img, &bytes).unwrap();
-    for flag in ["-n", "-y"] {
-        let (code, out) = fsck_run(&img, flag);
-        assert!([0, 1, 4, 5].contains(&code) && !panicked(&out), "fsck {flag}: exit {code}\n{}", tail(&out));
-    }
+    let (code, out) = fsck_run(&img, "-n");
+    assert!(code == 4 && !panicked(&out) && out.contains("generation at its limit"), "fsck -n: exit {code}\n{}", tail(&out));
+    let (code, out) = fsck_run(&img, "-y");
+    assert!(code == 1 && !panicked(&out), "fsck -y: exit {code}\n{}", tail(&out));
+    let (code, out) = fsck_run(&img, "-n");
+    assert_eq!(code, 0, "fsck -n after the repair\n{}", tail(&out));
 }
 
 impl Base {

@@ -6,7 +6,6 @@ use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 
 use mcfs_integration::{wait_for, TestCluster};
-use std::io::Read as _;
 use std::time::Duration;
 
 fn checksum(data: &[u8]) -> u64 {

@@ -51,7 +51,7 @@ impl Fs {
             gid: d.gid,
             size: d.size,
             // st_blocks counts 512-byte units, dinode included
-            blocks: (d.blocks + 1) * (self.bs as u64 / 512),
+            blocks: d.blocks.saturating_add(1).saturating_mul(self.bs as u64 / 512),
             atime: d.atime,
             mtime: d.mtime,
             ctime: d.ctime,
@@ -62,7 +62,14 @@ impl Fs {
 
     /// The dinode buffer of `ino` (glock held, any mode).
     pub fn dinode_buf(&self, ino: u64) -> Result<Arc<Buf>> {
-        self.read_meta(ino, LockName::Inode(ino), BlockType::Dinode, move |b, fs| Dinode::decode(b, ino, fs.fsid).map(|_| ()))
+        self.read_meta(ino, LockName::Inode(ino), BlockType::Dinode, move |b, fs| {
+            let d = Dinode::decode(b, ino, fs.fsid)?;
+            // a count the device cannot hold is damage the checksum missed
+            if d.blocks >= fs.geo.block_count {
+                return Err(mcfs_format::FormatError::corrupted(format!("dinode block count {} beyond the filesystem's {} blocks", d.blocks, fs.geo.block_count), ino));
+            }
+            Ok(())
+        })
     }
 
     /// Decode the dinode of `ino` (glock held, any mode).

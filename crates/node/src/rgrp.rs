@@ -129,7 +129,7 @@ impl Fs {
                 k += 1;
             }
             if out.len() > before {
-                rgrp::seal_bitmap_block(&mut data, l, bi, hdr.generation + 1, self.fsid);
+                rgrp::seal_bitmap_block(&mut data, l, bi, self.next_generation(&hdr, l)?, self.fsid);
                 drop(data);
                 tx.add(&buf);
                 touched.push(bi);
@@ -143,7 +143,7 @@ impl Fs {
         if out.is_empty() {
             return Err(self.inconsistent(format!("rgrp {} header says {} free blocks but its bitmap has none", l.index, hdr.free)));
         }
-        hdr.free -= out.len() as u32;
+        hdr.free = self.counter_less(hdr.free, out.len() as u32, "free", l)?;
         if state == BlockState::Dinode {
             hdr.dinodes += out.len() as u32;
         }
@@ -152,8 +152,23 @@ impl Fs {
         Ok(out)
     }
 
+    /// The generation the next write of this rgrp carries; one at its limit
+    /// can only come from a damaged header (withdraw, never wrap).
+    fn next_generation(&self, hdr: &RgrpHeader, l: &RgrpLayout) -> Result<u64> {
+        hdr.generation
+            .checked_add(1)
+            .ok_or_else(|| self.inconsistent(format!("rgrp header at block {}: generation {} at its limit", l.start, hdr.generation)))
+    }
+
+    /// A header count lowered by `n`; below zero the header disagrees with
+    /// its bitmap: an on-disk inconsistency (withdraw), never a wrap.
+    fn counter_less(&self, v: u32, n: u32, what: &str, l: &RgrpLayout) -> Result<u32> {
+        v.checked_sub(n)
+            .ok_or_else(|| self.inconsistent(format!("rgrp header at block {}: {what} count {v} is less than the {n} blocks its bitmap says", l.start)))
+    }
+
     fn write_rgrp_header(&self, tx: &mut Tx<'_>, l: &RgrpLayout, hbuf: &Arc<Buf>, hdr: &mut RgrpHeader, touched: &[u32]) -> Result<()> {
-        hdr.generation += 1;
+        hdr.generation = self.next_generation(hdr, l)?;
         let enc = hdr.encode(self.geo.block_size, l.start, self.fsid);
         hbuf.write().copy_from_slice(&enc);
         tx.add(hbuf);
@@ -196,9 +211,9 @@ impl Fs {
                 }
                 rgrp::set_bits(&mut data[BITMAP_DATA_OFFSET..], k, state);
                 match old {
-                    BlockState::Free => hdr.free -= 1,
-                    BlockState::Dinode => hdr.dinodes -= 1,
-                    BlockState::Unlinked => hdr.unlinked -= 1,
+                    BlockState::Free => hdr.free = self.counter_less(hdr.free, 1, "free", &l)?,
+                    BlockState::Dinode => hdr.dinodes = self.counter_less(hdr.dinodes, 1, "dinode", &l)?,
+                    BlockState::Unlinked => hdr.unlinked = self.counter_less(hdr.unlinked, 1, "unlinked", &l)?,
                     BlockState::Used => {}
                 }
                 match state {
@@ -207,7 +222,7 @@ impl Fs {
                     BlockState::Unlinked => hdr.unlinked += 1,
                     BlockState::Used => {}
                 }
-                rgrp::seal_bitmap_block(&mut data, &l, bi, hdr.generation + 1, self.fsid);
+                rgrp::seal_bitmap_block(&mut data, &l, bi, self.next_generation(&hdr, &l)?, self.fsid);
                 drop(data);
                 tx.add(&buf);
                 touched.push(bi);
@@ -302,10 +317,10 @@ impl Fs {
         {
             let mut data = buf.write();
             rgrp::set_bits(&mut data[BITMAP_DATA_OFFSET..], (rel % per) as usize, state);
-            rgrp::seal_bitmap_block(&mut data, l, bi, hdr.generation + 1, self.fsid);
+            rgrp::seal_bitmap_block(&mut data, l, bi, self.next_generation(&hdr, l)?, self.fsid);
         }
         tx.add(&buf);
-        hdr.free -= 1;
+        hdr.free = self.counter_less(hdr.free, 1, "free", l)?;
         if state == BlockState::Dinode {
             hdr.dinodes += 1;
         }

@@ -341,7 +341,15 @@ pub fn reconcile(ctx: &mut Ctx<'_>) -> Result<()> {
             let (h, w) = (BlockState::from_bits(*h), BlockState::from_bits(*w));
             ctx.find(Kind::WrongBlockState, None, t.examples.first().copied(), true, format!("rgrp {i}: {} blocks marked {} should be {}: {}; fixed", t.n, state_name(h), state_name(w), t.say()));
         }
-        let gen = info.generation + 1;
+        // A generation at its limit can only be damage (a node refuses to
+        // wrap it and withdraws): start the rgrp's generations again at 1,
+        // header and every bitmap together, so they stay monotonic.
+        let at_limit = info.generation == u64::MAX;
+        let gen = if at_limit { 1 } else { info.generation + 1 };
+        if at_limit {
+            ctx.find(Kind::RgrpHeader, None, Some(l.start), true, format!("rgrp {i}: generation at its limit ({}); restarted at 1", u64::MAX));
+            rewrite.iter_mut().for_each(|w| *w = true);
+        }
         for (bi, w) in rewrite.iter().enumerate() {
             if !*w && info.bitmap_ok[bi] {
                 continue;

@@ -251,6 +251,17 @@ fn run(cfg: Config) -> Result<(), String> {
         }
     };
     let _ = fs_cell.set(fs.clone());
+    // A panic anywhere (a bug, or damage no check caught) withdraws the
+    // filesystem before the thread unwinds: the half-done operation's buffers
+    // are never written, and the exit status says withdrawn, not clean.
+    let fs_panic = Arc::downgrade(&fs);
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        if let Some(fs) = fs_panic.upgrade() {
+            fs.withdraw(&format!("internal error (panic): {info}"));
+        }
+    }));
     if let Some(c) = &client {
         if let Err(e) = rt.block_on(c.set_session_info(fs.journal_slot() as i32, &admin_addr)) {
             tracing::warn!("could not register journal slot with the lock server: {e}");
