@@ -96,7 +96,7 @@ impl AlignedBuf {
     /// Set the length to `len` within the capacity, exposing whatever the reused memory
     /// held (never uninitialised: allocations are zeroed). Returns false if `len` does
     /// not fit.
-    pub(crate) fn set_len_within_capacity(&mut self, len: usize) -> bool {
+    pub fn set_len_within_capacity(&mut self, len: usize) -> bool {
         if len > self.cap {
             return false;
         }

@@ -70,6 +70,9 @@ pub struct FsStats {
 /// A mounted mcfs.
 pub struct Fs {
     pub dev: Arc<dyn BlockDevice>,
+    /// Read-ahead windows given back after use (a few, so a streaming reader
+    /// does not map, zero and unmap fresh memory for every window).
+    pub(crate) ra_bufs: Mutex<Vec<mcfs_blockdev::AlignedBuf>>,
     pub sb: Superblock,
     pub geo: Geometry,
     pub fsid: u32,
@@ -209,6 +212,7 @@ impl Fs {
         let log = Log::new(dev.clone(), bs, fsid, opts.node_id, pos, budget.clone(), withdrawn.clone());
         let evict = opts.evict;
         let fs = Arc::new_cyclic(|me| Fs {
+            ra_bufs: Mutex::new(Vec::new()),
             dev,
             sb,
             geo,

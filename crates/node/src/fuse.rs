@@ -283,9 +283,15 @@ impl Filesystem for McfsFuse {
     }
 
     fn read(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
-        match self.fs.read(self.ino(ino), offset, size) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(errno(&e)),
+        // the reply copies straight from the read-ahead window or device buffer
+        let mut reply = Some(reply);
+        let r = self.fs.read_with(self.ino(ino), offset, size, |d| {
+            if let Some(rp) = reply.take() {
+                rp.data(d);
+            }
+        });
+        if let (Err(e), Some(rp)) = (r, reply.take()) {
+            rp.error(errno(&e));
         }
     }
 

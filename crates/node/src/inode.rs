@@ -40,6 +40,10 @@ pub struct Attr {
     pub blksize: u32,
 }
 
+/// Largest single device read of file data; longer runs are split into
+/// requests of this size submitted together.
+const READ_CHUNK: u64 = 512 << 10;
+
 impl Fs {
     pub fn attr_of(&self, d: &Dinode) -> Attr {
         Attr {
@@ -115,17 +119,48 @@ impl Fs {
         if off >= d.size || size == 0 {
             return Ok(Vec::new());
         }
-        let end = (off + size as u64).min(d.size);
-        let len = (end - off) as usize;
         if d.is_inline() {
+            let end = (off + size as u64).min(d.size);
             let s = off as usize;
-            return Ok(d.payload.get(s..s + len).map(|x| x.to_vec()).unwrap_or_default());
+            return Ok(d.payload.get(s..s + (end - off) as usize).map(|x| x.to_vec()).unwrap_or_default());
         }
+        let (buf, s, len) = self.read_blocks(d, off, size)?;
+        Ok(buf[s..s + len].to_vec())
+    }
+
+    /// Read the whole blocks holding `[off, off + size)` of a file that is not
+    /// inline (glock held, any mode) straight into page-aligned memory (the
+    /// device's zero-copy path; holes are zeroes). Returns the buffer and where
+    /// in it the range starts and how long it is (short at end of file).
+    pub fn read_blocks(&self, d: &Dinode, off: u64, size: u32) -> Result<(mcfs_blockdev::AlignedBuf, usize, usize)> {
+        self.read_blocks_into(d, off, size, None)
+    }
+
+    /// [`Fs::read_blocks`] into `reuse` when it is big enough (its old
+    /// contents are overwritten: every block is read or, for a hole, zeroed).
+    pub fn read_blocks_into(&self, d: &Dinode, off: u64, size: u32, reuse: Option<mcfs_blockdev::AlignedBuf>) -> Result<(mcfs_blockdev::AlignedBuf, usize, usize)> {
+        let end = (off + size as u64).min(d.size);
+        if off >= end || d.is_inline() {
+            return Ok((mcfs_blockdev::AlignedBuf::new(0), 0, 0));
+        }
+        let len = (end - off) as usize;
         let bs = self.bs as u64;
         let first = off / bs;
         let last = (end - 1) / bs;
         let map = self.bmap_range(d, first, last - first + 1)?;
-        let mut out = vec![0u8; ((last - first + 1) * bs) as usize];
+        let want = ((last - first + 1) * bs) as usize;
+        let mut out = match reuse.filter(|b| b.capacity() >= want) {
+            Some(mut b) => {
+                b.set_len_within_capacity(want);
+                for (i, p) in map.iter().enumerate() {
+                    if p.is_none() {
+                        b[i * bs as usize..(i + 1) * bs as usize].fill(0);
+                    }
+                }
+                b
+            }
+            None => mcfs_blockdev::AlignedBuf::new(want),
+        };
         // coalesce contiguous runs into single reads
         let mut i = 0usize;
         let mut reqs: Vec<(u64, std::ops::Range<usize>)> = Vec::new();
@@ -134,8 +169,11 @@ impl Fs {
                 i += 1;
                 continue;
             };
+            // runs up to READ_CHUNK: a long run becomes several requests in
+            // flight together, not one the device serves alone
+            let most = (READ_CHUNK / bs).max(1) as usize;
             let mut j = i + 1;
-            while j < map.len() && map[j] == Some(p + (j - i) as u64) {
+            while j < map.len() && j - i < most && map[j] == Some(p + (j - i) as u64) {
                 j += 1;
             }
             reqs.push((p * bs, i * bs as usize..j * bs as usize));
@@ -159,7 +197,7 @@ impl Fs {
         }
         let s = (off - first * bs) as usize;
         self.stats.data_bytes_read.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
-        Ok(out[s..s + len].to_vec())
+        Ok((out, s, len))
     }
 
     /// Write file data at `off` (glock held EX, `res` reserved when the write

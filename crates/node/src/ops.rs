@@ -841,6 +841,12 @@ impl Fs {
     }
 
     pub fn read(&self, ino: u64, off: u64, size: u32) -> Result<Vec<u8>> {
+        self.read_with(ino, off, size, |b| b.to_vec())
+    }
+
+    /// [`Fs::read`] handing the bytes to `f` in place (the FUSE reply copies
+    /// them straight from the read-ahead window or the device buffer).
+    pub fn read_with<R>(&self, ino: u64, off: u64, size: u32, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
         self.op(|ms| {
             let inode = self.cached(ino)?;
             let _h = self.lock(ino, Mode::PR, ms)?;
@@ -849,74 +855,160 @@ impl Fs {
                 return Err(FsError::IsDir);
             }
             if d.is_inline() {
-                return self.read_data(&d, off, size);
+                return Ok(f(&self.read_data(&d, off, size)?));
             }
             if d.size > CACHE_FILE_MAX {
-                return self.read_streaming(&inode, &d, off, size);
+                return self.read_streaming(&inode, &d, off, size, f);
             }
-            self.read_cached(&inode, &d, off, size)
+            Ok(f(&self.read_cached(&inode, &d, off, size)?))
         })
     }
 
-    /// Large files: no cache, but a sequential reader gets the next window
+    /// Large files: no cache, but a sequential reader gets the next windows
     /// read ahead in the background (the kernel does no read-ahead for
     /// direct-I/O files). Called with the inode glock held shared.
-    fn read_streaming(&self, inode: &Arc<Inode>, d: &Dinode, off: u64, size: u32) -> Result<Vec<u8>> {
+    fn read_streaming<R>(&self, inode: &Arc<Inode>, d: &Dinode, off: u64, size: u32, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
         let end = (off + size as u64).min(d.size);
         if off >= end {
-            return Ok(Vec::new());
+            return Ok(f(&[]));
         }
         let (hit, sequential) = {
             let mut ra = inode.ra.lock().unwrap_or_else(|p| p.into_inner());
-            let hit = match &ra.ready {
-                Some((ro, data, _)) if *ro <= off && end <= ro + data.len() as u64 => {
-                    let s = (off - ro) as usize;
-                    Some(data[s..s + (end - off) as usize].to_vec())
-                }
-                _ => None,
-            };
             let sequential = ra.next == off;
             ra.next = end;
+            if !sequential {
+                // a jump: what was read ahead is for somewhere else
+                ra.ready.clear();
+            }
+            // A window being read that holds this range: wait for it (the
+            // thread holds the glock shared too, so this is bounded by one
+            // device read) rather than read the same blocks twice.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            loop {
+                if ra.ready.iter().any(|(ro, data, _)| *ro <= off && end <= ro + data.len() as u64) {
+                    break;
+                }
+                let waiting = sequential && ra.inflight.is_some_and(|(io, il)| io <= off && end <= io + il);
+                let now = std::time::Instant::now();
+                if !waiting || now >= deadline {
+                    break;
+                }
+                ra = inode.ra_cv.wait_timeout(ra, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            }
+            // windows wholly before this read are consumed
+            while ra.ready.front().is_some_and(|(ro, data, _)| ro + data.len() as u64 <= off) {
+                if let Some((_, data, _)) = ra.ready.pop_front() {
+                    self.recycle_window(data);
+                }
+            }
+            let hit = ra.ready.iter().find(|(ro, data, _)| *ro <= off && end <= ro + data.len() as u64).map(|(ro, data, _)| (data.clone(), (off - ro) as usize));
             (hit, sequential)
         };
-        let out = match hit {
-            Some(v) => v,
-            None => self.read_data(d, off, size)?,
-        };
+        // start the next window before copying this one out
         if sequential && end < d.size {
             self.start_readahead(inode, end);
         }
-        Ok(out)
+        let len = (end - off) as usize;
+        Ok(match hit {
+            Some((data, s)) => f(&data[s..s + len]),
+            None => {
+                let (buf, s, len) = self.read_blocks(d, off, size)?;
+                f(&buf[s..s + len])
+            }
+        })
     }
 
+    /// Keep [`crate::icache::Readahead::DEPTH`] windows ahead of a sequential reader at
+    /// `from`: one background thread per inode reads them in turn and stops
+    /// when it is far enough ahead, at the end of the file, on an
+    /// invalidation, or when the glock is no longer cached here.
     fn start_readahead(&self, inode: &Arc<Inode>, from: u64) {
         let window = (READAHEAD_MAX).min(self.budget.limit() / 16).max(self.bs as u64);
-        let epoch = {
+        {
             let mut ra = inode.ra.lock().unwrap_or_else(|p| p.into_inner());
-            let covered = ra.ready.as_ref().is_some_and(|(ro, data, _)| *ro <= from && from + window / 2 <= ro + data.len() as u64);
-            if ra.inflight || covered {
+            if ra.running {
                 return;
             }
-            ra.inflight = true;
-            ra.epoch
+            let ahead = ra.ahead_end().unwrap_or(from).max(from);
+            if ahead >= from + window * crate::icache::Readahead::DEPTH as u64 - window / 2 {
+                return;
+            }
+            ra.running = true;
+        }
+        let Some(fs) = self.arc() else {
+            inode.ra.lock().unwrap_or_else(|p| p.into_inner()).running = false;
+            return;
         };
-        let (Some(fs), inode) = (self.arc(), inode.clone()) else { return };
-        let _ = std::thread::Builder::new().name("readahead".into()).spawn(move || {
-            // only while the glock is cached here: never a lock request
-            let data = fs.glocks.try_acquire(LockName::Inode(inode.ino), Mode::PR).ok().and_then(|h| {
-                let r = fs.dinode(inode.ino).ok().and_then(|(_, d)| fs.read_data(&d, from, window as u32).ok());
-                drop(h);
-                r
-            });
-            let mut ra = inode.ra.lock().unwrap_or_else(|p| p.into_inner());
-            ra.inflight = false;
-            if let Some(v) = data.filter(|v| !v.is_empty()) {
-                if ra.epoch == epoch {
-                    let charge = fs.budget.charge(v.len() as u64);
-                    ra.ready = Some((from, Arc::new(v), Some(charge)));
+        let me = inode.clone();
+        let spawned = std::thread::Builder::new().name("readahead".into()).spawn(move || {
+            let inode = me;
+            loop {
+                // what to read next, if anything
+                let (at, epoch) = {
+                    let mut ra = inode.ra.lock().unwrap_or_else(|p| p.into_inner());
+                    let at = ra.ahead_end().unwrap_or(ra.next).max(ra.next);
+                    // windows start on a block: read straight into aligned memory
+                    let at = at - at % fs.bs as u64;
+                    if at >= ra.next + window * crate::icache::Readahead::DEPTH as u64 {
+                        ra.running = false;
+                        return;
+                    }
+                    ra.inflight = Some((at, window));
+                    (at, ra.epoch)
+                };
+                // only while the glock is cached here: never a lock request
+                let data = fs.glocks.try_acquire(LockName::Inode(inode.ino), Mode::PR).ok().and_then(|h| {
+                    let r = fs.dinode(inode.ino).ok().and_then(|(_, d)| {
+                        if at >= d.size || d.is_inline() {
+                            return None;
+                        }
+                        let reuse = fs.ra_bufs.lock().unwrap_or_else(|p| p.into_inner()).pop();
+                        let (mut buf, s, len) = fs.read_blocks_into(&d, at, window as u32, reuse).ok()?;
+                        buf.truncate(s + len);
+                        Some(buf)
+                    });
+                    drop(h);
+                    r
+                });
+                let mut ra = inode.ra.lock().unwrap_or_else(|p| p.into_inner());
+                let go_on = match data.filter(|v| !v.is_empty()) {
+                    Some(v) if ra.epoch == epoch => {
+                        let full = v.len() as u64 == window;
+                        let charge = fs.budget.charge(v.len() as u64);
+                        ra.inflight = None;
+                        ra.ready.push_back((at, Arc::new(v), Some(charge)));
+                        full
+                    }
+                    _ => false,
+                };
+                if !go_on {
+                    if ra.epoch == epoch {
+                        ra.inflight = None;
+                    }
+                    ra.running = false;
+                    drop(ra);
+                    inode.ra_cv.notify_all();
+                    return;
                 }
+                drop(ra);
+                inode.ra_cv.notify_all();
             }
         });
+        if spawned.is_err() {
+            inode.ra.lock().unwrap_or_else(|p| p.into_inner()).running = false;
+        }
+    }
+
+    /// A consumed read-ahead window: kept for the next one if nobody else
+    /// still holds it and the spare list is short.
+    fn recycle_window(&self, data: Arc<mcfs_blockdev::AlignedBuf>) {
+        const SPARE_WINDOWS: usize = 4;
+        if let Ok(b) = Arc::try_unwrap(data) {
+            let mut spare = self.ra_bufs.lock().unwrap_or_else(|p| p.into_inner());
+            if spare.len() < SPARE_WINDOWS {
+                spare.push(b);
+            }
+        }
     }
 
     /// Small files: read through the per-inode data cache (charged to the

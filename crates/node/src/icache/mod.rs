@@ -24,7 +24,7 @@ pub mod evict;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::glock::Holder;
@@ -38,17 +38,42 @@ struct DataBlock {
     _charge: Charge,
 }
 
-/// Read-ahead of a large file read sequentially: the next window, read by a
-/// background thread while the kernel copies the current one.
+/// Read-ahead of a large file read sequentially: windows read by one
+/// background thread ahead of the reader (up to [`Readahead::DEPTH`] of
+/// them), so the device always has the next read while the kernel copies the
+/// current one. A read that finds its range being read ahead waits for it
+/// instead of reading it a second time.
 #[derive(Default)]
 pub struct Readahead {
     /// Where the next sequential read is expected.
     pub next: u64,
-    /// Data ready at `ready_off`.
-    pub ready: Option<(u64, Arc<Vec<u8>>, Option<Charge>)>,
-    pub inflight: bool,
+    /// Windows read ahead, in file order: (offset, data, its budget charge).
+    pub ready: std::collections::VecDeque<(u64, Arc<mcfs_blockdev::AlignedBuf>, Option<Charge>)>,
+    /// The window the background thread is reading now (offset, length).
+    pub inflight: Option<(u64, u64)>,
+    /// Is a background thread running for this inode?
+    pub running: bool,
     /// Bumped by every invalidation: a prefetch started before it is dropped.
     pub epoch: u64,
+}
+
+impl Readahead {
+    /// Windows kept ahead of a sequential reader.
+    pub const DEPTH: usize = 2;
+
+    /// Where read-ahead data (ready or in flight) ends.
+    pub fn ahead_end(&self) -> Option<u64> {
+        let r = self.ready.back().map(|(o, d, _)| o + d.len() as u64);
+        let i = self.inflight.map(|(o, l)| o + l);
+        r.max(i)
+    }
+
+    /// Forget everything read ahead (an invalidation).
+    pub fn clear(&mut self) {
+        self.ready.clear();
+        self.inflight = None;
+        self.epoch += 1;
+    }
 }
 
 /// This node's in-memory presence of an inode.
@@ -64,6 +89,8 @@ pub struct Inode {
     data: Mutex<BTreeMap<u64, DataBlock>>,
     /// Read-ahead state of large files (also dropped with `drop_data`).
     pub ra: Mutex<Readahead>,
+    /// Signalled when a read-ahead window lands or is dropped.
+    pub ra_cv: Condvar,
     pub last_used: AtomicU64,
     /// Link count seen zero under the inode glock.
     pub unlinked: AtomicBool,
@@ -94,8 +121,9 @@ impl Inode {
         d.clear();
         drop(d);
         let mut ra = self.ra.lock().unwrap_or_else(|p| p.into_inner());
-        ra.ready = None;
-        ra.epoch += 1;
+        ra.clear();
+        drop(ra);
+        self.ra_cv.notify_all();
         n
     }
 
@@ -104,8 +132,9 @@ impl Inode {
         let _ = d.split_off(&lblk);
         drop(d);
         let mut ra = self.ra.lock().unwrap_or_else(|p| p.into_inner());
-        ra.ready = None;
-        ra.epoch += 1;
+        ra.clear();
+        drop(ra);
+        self.ra_cv.notify_all();
     }
 
     pub fn data_blocks_cached(&self) -> usize {
@@ -222,6 +251,7 @@ impl ICache {
             iopen: Mutex::new(iopen),
             data: Mutex::new(BTreeMap::new()),
             ra: Mutex::new(Readahead::default()),
+            ra_cv: Condvar::new(),
             last_used: AtomicU64::new(self.tick.fetch_add(1, Ordering::Relaxed)),
             unlinked: AtomicBool::new(false),
             gone: AtomicBool::new(false),
