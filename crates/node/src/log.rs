@@ -131,6 +131,20 @@ impl Tx<'_> {
     }
 }
 
+impl Tx<'_> {
+    /// Blocks this transaction frees (data or metadata): until it commits,
+    /// the committed state still uses them, so the allocator must not hand
+    /// them out (a reused block written in place before the free is durable
+    /// would overwrite what a replay after a crash still points at).
+    pub fn quarantine(&mut self, blocks: &[u64]) {
+        if blocks.is_empty() {
+            return;
+        }
+        let mut g = self.log.lock();
+        g.freed.extend(blocks.iter().copied());
+    }
+}
+
 impl Drop for Tx<'_> {
     fn drop(&mut self) {
         let mut g = self.log.lock();
@@ -190,6 +204,13 @@ impl Log {
 
     pub fn slot(&self) -> u32 {
         self.pos.slot
+    }
+
+    /// The blocks in `[first, first + count)` freed by transactions not yet
+    /// committed (see [`Tx::quarantine`]).
+    pub fn uncommitted_frees_in(&self, first: u64, count: u64) -> BTreeSet<u64> {
+        let g = self.lock();
+        g.freed.range(first..first.saturating_add(count)).copied().collect()
     }
 
     /// Open a transaction. Flushes first when the log is filling up.

@@ -291,9 +291,6 @@ impl Fs {
                 d.ctime = t;
                 self.put_dinode(&mut tx, &b, &d);
             }
-            if !plan.0.is_empty() || !plan.1.is_empty() {
-                self.log.flush()?; // ordered free: see Fs::deallocate
-            }
             drop(rgrp_holders);
             Ok(self.attr_of(&d))
         })

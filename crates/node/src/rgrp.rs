@@ -61,7 +61,10 @@ impl Fs {
     pub fn reserve(&self, want: u32, min: u32, goal: Option<u64>, ms: &MaySleep) -> Result<Reservation> {
         let n = self.geo.rgrp_count as usize;
         let start = goal.and_then(|g| self.geo.rgrp_of(g)).map_or_else(|| self.first_rgrp(), |l| l.index as usize);
-        for pass in 0..2 {
+        let mut flushed = false;
+        loop {
+            let mut flush_would_help = false;
+            for pass in 0..2 {
             for k in 0..n {
                 let i = (start + k) % n;
                 let Some(l) = self.geo.rgrp(i) else { continue };
@@ -75,13 +78,25 @@ impl Fs {
                     self.glocks.acquire(LockName::Rgrp(i as u32), Mode::EX, ms)?
                 };
                 let hdr = self.rgrp_header(&l)?;
-                if hdr.free >= min.max(1) {
+                // blocks freed by uncommitted transactions are not free yet
+                let quarantined = self.log.uncommitted_frees_in(l.data_start, l.data_blocks as u64).len() as u32;
+                let usable = hdr.free.saturating_sub(quarantined);
+                if usable >= min.max(1) {
                     self.rgrp_hint.store(i + 1, std::sync::atomic::Ordering::Relaxed);
-                    return Ok(Reservation { holder: h, layout: l, want: want.min(hdr.free) });
+                    return Ok(Reservation { holder: h, layout: l, want: want.min(usable) });
+                }
+                if hdr.free >= min.max(1) {
+                    flush_would_help = true;
                 }
             }
+            }
+            if !flush_would_help || flushed {
+                return Err(FsError::NoSpace);
+            }
+            // committing the frees makes their blocks usable
+            self.log.flush()?;
+            flushed = true;
         }
-        Err(FsError::NoSpace)
     }
 
     /// Allocate up to `n` blocks in the reserved rgrp: the first free block at or
@@ -91,7 +106,8 @@ impl Fs {
         let l = &res.layout;
         let hbuf = self.rgrp_header_buf(l)?;
         let mut hdr = RgrpHeader::decode(&hbuf.read(), l, self.fsid)?;
-        let n = n.min(hdr.free) as usize;
+        let quarantined = self.log.uncommitted_frees_in(l.data_start, l.data_blocks as u64);
+        let n = n.min(hdr.free.saturating_sub(quarantined.len() as u32)) as usize;
         if n == 0 {
             return Ok(Vec::new());
         }
@@ -119,9 +135,10 @@ impl Fs {
                     k += 4; // no free entry in this byte
                     continue;
                 }
-                if rgrp::get_bits(bits, k) == BlockState::Free {
+                let b = l.data_start + bi as u64 * per as u64 + k as u64;
+                if rgrp::get_bits(bits, k) == BlockState::Free && !quarantined.contains(&b) {
                     rgrp::set_bits(bits, k, state);
-                    out.push(l.data_start + bi as u64 * per as u64 + k as u64);
+                    out.push(b);
                 } else if !out.is_empty() {
                     run_ended = true;
                     break;
@@ -188,6 +205,10 @@ impl Fs {
                 return Err(self.inconsistent(format!("block {b} outside every rgrp")));
             };
             by_rgrp.entry(l.index).or_default().push(b);
+        }
+        if state == BlockState::Free {
+            // not reusable until this transaction commits
+            tx.quarantine(blocks);
         }
         for (ri, bl) in by_rgrp {
             let Some(l) = self.geo.rgrp(ri as usize) else { continue };
@@ -280,6 +301,7 @@ impl Fs {
         let l = &res.layout;
         let per = blocks_per_bitmap(self.geo.block_size);
         let start_rel = if l.contains_data(goal) { (goal - l.data_start) as u32 } else { 0 };
+        let quarantined = self.log.uncommitted_frees_in(l.data_start, l.data_blocks as u64);
         for step in 0..=l.bitmap_blocks {
             let bi = (start_rel / per + step) % l.bitmap_blocks;
             let (first, count) = rgrp::bitmap_span(l, self.geo.block_size, bi);
@@ -290,7 +312,7 @@ impl Fs {
             for k in from..count as usize {
                 if rgrp::get_bits(bits, k) == BlockState::Free {
                     let b = first + k as u64;
-                    if !skip.contains(&b) {
+                    if !skip.contains(&b) && !quarantined.contains(&b) {
                         return Ok(Some(b));
                     }
                 }
@@ -304,7 +326,7 @@ impl Fs {
         if !res.layout.contains_data(b) {
             return Err(FsError::Other(format!("internal: block {b} is not in the reserved rgrp")));
         }
-        if self.block_state(b)? != BlockState::Free {
+        if self.block_state(b)? != BlockState::Free || !self.log.uncommitted_frees_in(b, 1).is_empty() {
             return Err(FsError::Other(format!("internal: block {b} is no longer free")));
         }
         let l = &res.layout;

@@ -42,10 +42,10 @@
 //! geometries), and MCFS_CRASH_VARIANTS=K (K > 1) checks K partial and K torn
 //! images and the second crash at every point.
 //!
-//! Known library bugs are steered around (truncation to block boundaries
-//! only, the churn rewrites rather than unlinks) until they are fixed; their
-//! reproducers are the ignored tests at the end. MCFS_CRASH_KNOWN_BUGS=1
-//! stops steering.
+//! The workloads once steered around library bugs (truncation to block
+//! boundaries only, the churn rewriting rather than unlinking); those are
+//! fixed and their reproducers run at the end, so the workloads truncate
+//! anywhere and unlink. MCFS_CRASH_KNOWN_BUGS=0 brings the steering back.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -416,10 +416,10 @@ impl W {
 }
 
 /// Known library bugs the workloads steer around until they are fixed (each
-/// has an ignored reproducer at the end of this file). MCFS_CRASH_KNOWN_BUGS=1
-/// stops steering.
+/// has a reproducer at the end of this file). All are fixed, so it no
+/// longer steers unless MCFS_CRASH_KNOWN_BUGS=0 asks it to.
 fn steer_around_bugs() -> bool {
-    std::env::var("MCFS_CRASH_KNOWN_BUGS").map_or(true, |v| v != "1")
+    std::env::var("MCFS_CRASH_KNOWN_BUGS").is_ok_and(|v| v == "0")
 }
 
 /// Truncation to a block boundary: see

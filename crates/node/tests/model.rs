@@ -34,8 +34,8 @@
 //!   and are replayed first.
 //! * MCFS_MODEL_GEOMETRY=default: testutil's 8 MiB journal and 16 MiB rgrps
 //!   instead of the smallest journal and 1 MiB rgrps.
-//! * MCFS_MODEL_KNOWN_BUGS=1: stop steering around the bugs whose reproducers
-//!   are the ignored tests at the end.
+//! * MCFS_MODEL_KNOWN_BUGS=0: steer around the (now fixed) bugs whose
+//!   reproducers are the tests at the end, as the generator once had to.
 //! * MCFS_MODEL_STATS=1: print how many of each operation succeeded or failed.
 //! * MCFS_TEST_CACHE_MB, MCFS_TEST_FLUSH_MS: memory budget and background
 //!   flush period (tests/common).
@@ -658,9 +658,10 @@ fn resolve_off(o: Off, cur: u64) -> u64 {
 }
 
 /// Known library bugs the generator steers around until they are fixed (each
-/// has an ignored reproducer below). MCFS_MODEL_KNOWN_BUGS=1 stops steering.
+/// has a reproducer below). All are fixed, so it no longer steers unless
+/// MCFS_MODEL_KNOWN_BUGS=0 asks it to.
 fn steer_around_bugs() -> bool {
-    std::env::var("MCFS_MODEL_KNOWN_BUGS").map_or(true, |v| v != "1")
+    std::env::var("MCFS_MODEL_KNOWN_BUGS").is_ok_and(|v| v == "0")
 }
 
 /// A truncate size: see [`truncate_extends_past_the_tree_capacity`].

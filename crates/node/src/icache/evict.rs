@@ -319,11 +319,11 @@ impl Fs {
         }
         self.bufs.invalidate(LockName::Inode(ino));
         self.bufs.forget(ino);
-        // freed blocks may be reused at once (data written in place, a dinode
-        // rewritten): make the frees durable first (ordered free). Skipping it
-        // for dinode-only frees fails the crash-consistency suite (a directory
-        // entry can then name a never-written dinode after replay).
-        self.log.flush()?;
+        // The freed blocks are quarantined (set_block_states): the allocator
+        // hands none of them out before this transaction commits, so no data
+        // is written in place over a block the committed state still uses,
+        // and a reused dinode's new image is always in a later log
+        // transaction than the revoke of its old one (ordered free).
         self.stats.inodes_deallocated.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(ino, blocks = data.len() + meta.len() + 1, "deallocated");
         Ok(())
