@@ -218,6 +218,7 @@ pub fn secret_file(dir: &Path) -> Result<PathBuf> {
 pub mod dlmd;
 pub mod fence;
 pub mod ops;
+pub mod seed;
 pub mod workload;
 
 /// A local cluster for a test: `mcfs_cli::cluster` (the code behind `mcfs

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use mcfs_format::dinode::{Timespec, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFSOCK};
 use mcfs_format::dir;
@@ -54,6 +54,12 @@ impl KernelNotify for Notify {
     fn inval_inode(&self, ino: u64) {
         if let Some(n) = self.n.get() {
             let _ = n.inval_inode(INodeNo(ino), 0, 0);
+        }
+    }
+    fn inval_entry(&self, parent: u64, name: &[u8]) {
+        if let Some(n) = self.n.get() {
+            let p = if parent == self.root { ROOT } else { parent };
+            let _ = n.inval_entry(INodeNo(p), OsStr::from_bytes(name));
         }
     }
 }
@@ -295,18 +301,7 @@ impl Filesystem for McfsFuse {
         }
     }
 
-    fn write(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        data: &[u8],
-        _wf: WriteFlags,
-        flags: OpenFlags,
-        _lock: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
+    fn write(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, data: &[u8], _wf: WriteFlags, flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyWrite) {
         let r = if flags.0 & libc::O_APPEND != 0 { self.fs.append(self.ino(ino), data) } else { self.fs.write(self.ino(ino), offset, data) };
         match r {
             Ok(n) => reply.written(n as u32),

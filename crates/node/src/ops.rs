@@ -15,7 +15,7 @@ use mcfs_format::rgrp::BlockState;
 use crate::error::{FsError, Result};
 use crate::fs::{Fs, StatFs};
 use crate::glock::{Holder, LockName, MaySleep, Mode};
-use crate::icache::Inode;
+use crate::icache::{Inode, Pinned};
 use crate::inode::{now, Attr};
 
 /// Who is asking (from the FUSE request).
@@ -115,12 +115,12 @@ impl Fs {
     }
 
     /// Bring `ino` into memory: iopen shared first (lock order iopen -> inode).
-    fn instantiate(&self, ino: u64, ms: &MaySleep) -> Result<Arc<Inode>> {
-        if let Some(i) = self.icache.get(ino) {
+    fn instantiate(&self, ino: u64, ms: &MaySleep) -> Result<Pinned> {
+        if let Some(i) = self.icache.get_pinned(ino) {
             return Ok(i);
         }
         let h = self.glocks.acquire(LockName::Iopen(ino), Mode::PR, ms)?;
-        let charge = self.budget.charge(512);
+        let charge = self.budget.charge(crate::icache::INODE_CHARGE);
         Ok(self.icache.insert(ino, 0, Some(h), charge))
     }
 
@@ -150,7 +150,9 @@ impl Fs {
                 return Err(FsError::NameTooLong);
             }
             for _ in 0..8 {
-                let Some(e) = self.entry_of(parent, name, ms)? else { return Err(FsError::NotFound) };
+                let Some(e) = self.entry_of(parent, name, ms)? else {
+                    return Err(FsError::NotFound);
+                };
                 let fresh = self.icache.get(e.ino).is_none();
                 let inode = self.instantiate(e.ino, ms)?;
                 if fresh {
@@ -159,7 +161,9 @@ impl Fs {
                     match self.entry_of(parent, name, ms)? {
                         Some(e2) if e2.ino == e.ino => {}
                         _ => {
-                            self.forget_if_unused(&inode);
+                            let i = inode.inode();
+                            drop(inode);
+                            self.forget_if_unused(&i);
                             continue;
                         }
                     }
@@ -168,7 +172,9 @@ impl Fs {
                 let (_, d) = self.dinode(e.ino)?;
                 drop(h);
                 if d.nlink == 0 {
-                    self.forget_if_unused(&inode);
+                    let i = inode.inode();
+                    drop(inode);
+                    self.forget_if_unused(&i);
                     return Err(FsError::NotFound);
                 }
                 inode.generation.store(d.generation, Ordering::Relaxed);
@@ -190,7 +196,9 @@ impl Fs {
 
     /// The kernel dropped `n` lookups of `ino`.
     pub fn forget(&self, ino: u64, n: u64) {
-        let Some(i) = self.icache.get(ino) else { return };
+        let Some(i) = self.icache.get(ino) else {
+            return;
+        };
         let prev = i.nlookup.fetch_sub(n.min(i.nlookup.load(Ordering::Acquire)), Ordering::AcqRel);
         if prev <= n && !i.in_use() && i.unlinked.load(Ordering::Acquire) && !self.is_withdrawn() {
             // the iput path: an unlinked inode's last user went away
@@ -298,7 +306,7 @@ impl Fs {
 
     /// Create a regular file, device, fifo, socket, directory or symlink.
     #[allow(clippy::too_many_arguments)]
-    fn create_node(&self, parent: u64, name: &[u8], mode: u32, rdev: u32, who: Caller, symlink: Option<&[u8]>, ms: &MaySleep) -> Result<(Arc<Inode>, Dinode)> {
+    fn create_node(&self, parent: u64, name: &[u8], mode: u32, rdev: u32, who: Caller, symlink: Option<&[u8]>, ms: &MaySleep) -> Result<(Pinned, Dinode)> {
         check_name(name)?;
         self.cached(parent)?;
         let _ph = self.lock(parent, Mode::EX, ms)?;
@@ -328,7 +336,9 @@ impl Fs {
         // Pick and lock the new dinode's block before the transaction opens.
         let mut skip = Vec::new();
         let (ino, ih, ioh) = loop {
-            let Some(c) = self.pick_free(&res, parent + 1, &skip)? else { return Err(FsError::NoSpace) };
+            let Some(c) = self.pick_free(&res, parent + 1, &skip)? else {
+                return Err(FsError::NoSpace);
+            };
             let io = self.glocks.try_acquire(LockName::Iopen(c), Mode::PR);
             let il = self.glocks.try_acquire(LockName::Inode(c), Mode::EX);
             match (io, il) {
@@ -360,7 +370,7 @@ impl Fs {
         };
         drop(res);
         let _ = &b;
-        let charge = self.budget.charge(512);
+        let charge = self.budget.charge(crate::icache::INODE_CHARGE);
         let inode = self.icache.insert(ino, d.generation, Some(ioh), charge);
         inode.generation.store(d.generation, Ordering::Relaxed);
         *inode.last_name.lock().unwrap_or_else(|p| p.into_inner()) = Some((parent, name.to_vec()));
@@ -445,7 +455,9 @@ impl Fs {
     /// retrying if the entry changed in between.
     fn lock_entry(&self, parent: u64, name: &[u8], extra: &[u64], ms: &MaySleep) -> Result<(Vec<Holder>, Entry)> {
         for _ in 0..16 {
-            let Some(e) = self.entry_of(parent, name, ms)? else { return Err(FsError::NotFound) };
+            let Some(e) = self.entry_of(parent, name, ms)? else {
+                return Err(FsError::NotFound);
+            };
             let mut set = vec![parent, e.ino];
             set.extend_from_slice(extra);
             let hs = self.lock_sorted(&set, ms)?;
@@ -620,7 +632,9 @@ impl Fs {
             self.cached(newparent)?;
             let _rl = self.glocks.acquire(LockName::Rename, Mode::EX, ms)?;
             for _ in 0..16 {
-                let Some(src) = self.entry_of(parent, name, ms)? else { return Err(FsError::NotFound) };
+                let Some(src) = self.entry_of(parent, name, ms)? else {
+                    return Err(FsError::NotFound);
+                };
                 let dst = self.entry_of(newparent, newname, ms)?;
                 if src.ino == dst.as_ref().map_or(0, |d| d.ino) {
                     return Ok(()); // same inode: POSIX says do nothing
@@ -808,7 +822,9 @@ impl Fs {
 
     /// Last close of a handle.
     pub fn release(&self, ino: u64) {
-        let Some(i) = self.icache.get(ino) else { return };
+        let Some(i) = self.icache.get(ino) else {
+            return;
+        };
         let prev = i.opens.fetch_sub(1.min(i.opens.load(Ordering::Acquire)), Ordering::AcqRel);
         if prev > 1 || i.opens.load(Ordering::Acquire) > 0 || self.is_withdrawn() {
             return;
@@ -967,11 +983,16 @@ impl Fs {
                     drop(h);
                     r
                 });
+                // Charge before taking `ra`: the charge may reclaim, and
+                // reclaim drops this inode's read-ahead (taking `ra`).
+                let data = data.filter(|v| !v.is_empty()).map(|v| {
+                    let charge = fs.budget.charge(v.len() as u64);
+                    (v, charge)
+                });
                 let mut ra = inode.ra.lock().unwrap_or_else(|p| p.into_inner());
-                let go_on = match data.filter(|v| !v.is_empty()) {
-                    Some(v) if ra.epoch == epoch => {
+                let go_on = match data {
+                    Some((v, charge)) if ra.epoch == epoch => {
                         let full = v.len() as u64 == window;
-                        let charge = fs.budget.charge(v.len() as u64);
                         ra.inflight = None;
                         ra.ready.push_back((at, Arc::new(v), Some(charge)));
                         full
@@ -999,7 +1020,7 @@ impl Fs {
     /// A consumed read-ahead window: kept for the next one if nobody else
     /// still holds it and the spare list is short.
     fn recycle_window(&self, data: Arc<mcfs_blockdev::AlignedBuf>) {
-        const SPARE_WINDOWS: usize = 4;
+        const SPARE_WINDOWS: usize = 2;
         if let Ok(b) = Arc::try_unwrap(data) {
             let mut spare = self.ra_bufs.lock().unwrap_or_else(|p| p.into_inner());
             if spare.len() < SPARE_WINDOWS {

@@ -15,6 +15,18 @@ use mcfs_node::lock_dlm::DlmBackend;
 use mcfs_proto::auth::Secret;
 
 fn main() -> ExitCode {
+    // Few malloc arenas: memory freed by reclaim on one thread is reused by
+    // the others and can be given back, instead of sitting in one arena per
+    // thread (the budget is meant to bound the daemon's RSS).
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt before any other thread exists only sets a malloc tunable.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        // buffers of 1 MiB and more (read-ahead windows, large requests) are
+        // mapped and unmapped, not kept in the heap after use (glibc would
+        // otherwise raise this threshold to the largest buffer freed)
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
     let argv: Vec<String> = std::env::args().collect();
     let helper = argv.first().is_some_and(|a| a.ends_with("mount.fuse.mcfs") || a.ends_with("mount.mcfs"));
     let args = if helper {
@@ -217,12 +229,7 @@ fn run(cfg: Config) -> Result<(), String> {
         };
         let cc = mcfs_dlm::ClientConfig { addr: addr.clone(), secret, lockspace: sb.table(), node_id: cfg.node_id, admin_addr: admin_addr.clone() };
         let (c, events) = rt.block_on(join(cc, &cfg, &sb.table()))?;
-        let ctx = Arc::new(mcfs_node::lock_dlm::RecoveryCtx {
-            dev: dev.clone(),
-            sb: sb.clone(),
-            node_id: cfg.node_id,
-            budget: mcfs_node::icache::budget::Budget::new(64 << 20),
-        });
+        let ctx = Arc::new(mcfs_node::lock_dlm::RecoveryCtx { dev: dev.clone(), sb: sb.clone(), node_id: cfg.node_id, budget: mcfs_node::icache::budget::Budget::new(64 << 20) });
         rt.spawn(mcfs_node::lock_dlm::run_events(events, fs_cell.clone(), c.clone(), ctx));
         client = Some(c.clone());
         // --evict=sync keeps GFS2's behaviour whole: a try-lock waits for the
@@ -291,7 +298,9 @@ fn run(cfg: Config) -> Result<(), String> {
     let fsu = fs.clone();
     rt.spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut usr1) = signal(SignalKind::user_defined1()) else { return };
+        let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+            return;
+        };
         while usr1.recv().await.is_some() {
             let f = fsu.clone();
             let _ = tokio::task::spawn_blocking(move || f.drop_caches()).await;
@@ -301,14 +310,21 @@ fn run(cfg: Config) -> Result<(), String> {
     let mp = cfg.mountpoint.clone();
     rt.spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         tracing::info!("signal: unmounting");
         unmount(&mp);
     });
 
     let mut fc = fuser::Config::default();
-    fc.mount_options = vec![fuser::MountOption::FSName(cfg.device.display().to_string()), fuser::MountOption::Subtype("mcfs".into()), fuser::MountOption::DefaultPermissions, fuser::MountOption::NoAtime];
+    fc.mount_options = vec![
+        fuser::MountOption::FSName(cfg.device.display().to_string()),
+        fuser::MountOption::Subtype("mcfs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoAtime,
+    ];
     if cfg.read_only {
         fc.mount_options.push(fuser::MountOption::RO);
     }
@@ -357,7 +373,10 @@ async fn join(cc: mcfs_dlm::ClientConfig, cfg: &Config, table: &str) -> Result<(
             Err(mcfs_dlm::Error::FailedPrecondition(m)) => return Err(format!("the lock server refused node {}: {m}", cfg.node_id)),
             Err(mcfs_dlm::Error::Unauthenticated(m)) => return Err(format!("the lock server at {} refused our cluster secret ({m}): check --secret-file", cc.addr)),
             Err(mcfs_dlm::Error::Unavailable(m)) if m.contains("already has a session") => {
-                return Err(format!("node id {} is already in use in {table} (another node has it, or this node's previous session has not expired yet: wait for its lease, then retry)", cfg.node_id));
+                return Err(format!(
+                    "node id {} is already in use in {table} (another node has it, or this node's previous session has not expired yet: wait for its lease, then retry)",
+                    cfg.node_id
+                ));
             }
             Err(e) if t0.elapsed() < cfg.join_wait => {
                 if !said {
@@ -386,7 +405,9 @@ fn mounted_elsewhere(dev: &Path) -> Option<String> {
     let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
     for l in mounts.lines() {
         let mut f = l.split(' ');
-        let (Some(src), Some(mp), Some(ty)) = (f.next(), f.next(), f.next()) else { continue };
+        let (Some(src), Some(mp), Some(ty)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
         // our own FUSE mounts name the device as their source: several nodes
         // of one host share it on purpose
         if ty.starts_with("fuse") {
@@ -404,8 +425,12 @@ fn mounted_elsewhere(dev: &Path) -> Option<String> {
 
 /// Tell systemd the mount is ready (Type=notify units).
 fn sd_notify_ready() {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
-    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else { return };
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
     let p = std::path::PathBuf::from(path);
     if p.to_string_lossy().starts_with('@') {
         return; // abstract socket: not supported by std; Type=simple still works
@@ -419,7 +444,9 @@ fn unreachable_secret() -> Secret {
 }
 
 fn unmount(mp: &Path) {
-    let Ok(c) = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes()) else { return };
+    let Ok(c) = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
     // SAFETY: umount2 with a valid C string.
     let r = unsafe { libc::umount2(c.as_ptr(), 0) };
     if r != 0 {
@@ -432,12 +459,16 @@ fn unmount(mp: &Path) {
 /// The cgroup's memory-pressure notifications start reclaim early (v1:
 /// memory.pressure_level through cgroup.event_control and an eventfd).
 fn start_pressure_watch(fs: &Arc<Fs>) {
-    let Some(dir) = mcfs_node::icache::budget::cgroup_v1_dir() else { return };
+    let Some(dir) = mcfs_node::icache::budget::cgroup_v1_dir() else {
+        return;
+    };
     let budget = fs.budget.clone();
     let _ = std::thread::Builder::new().name("mem-pressure".into()).spawn(move || {
         let pl = dir.join("memory.pressure_level");
         let ctl = dir.join("cgroup.event_control");
-        let Ok(plf) = std::fs::File::open(&pl) else { return };
+        let Ok(plf) = std::fs::File::open(&pl) else {
+            return;
+        };
         // SAFETY: eventfd with valid flags.
         let efd = unsafe { libc::eventfd(0, 0) };
         if efd < 0 {

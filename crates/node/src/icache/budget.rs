@@ -23,6 +23,11 @@ use crate::glock::{in_reclaim, ReclaimScope};
 pub trait Reclaimer: Send + Sync {
     /// Free about `want` bytes. `scope` proves the caller is in reclaim.
     fn reclaim(&self, want: u64, scope: &ReclaimScope) -> u64;
+
+    /// Background reclaim only: memory reclaim cannot free because someone
+    /// else holds references (the kernel's cached dentries): ask them to let
+    /// go of about `want` bytes' worth, without waiting for it.
+    fn release_references(&self, _want: u64) {}
 }
 
 #[derive(Debug, Default, serde::Serialize, Clone)]
@@ -55,6 +60,7 @@ pub struct Budget {
     direct: AtomicU64,
     background: AtomicU64,
     pressure: AtomicU64,
+    pressure_pending: std::sync::atomic::AtomicBool,
     waits: AtomicU64,
     longest_wait_us: AtomicU64,
     total_wait_us: AtomicU64,
@@ -101,6 +107,7 @@ impl Budget {
             direct: AtomicU64::new(0),
             background: AtomicU64::new(0),
             pressure: AtomicU64::new(0),
+            pressure_pending: std::sync::atomic::AtomicBool::new(false),
             waits: AtomicU64::new(0),
             longest_wait_us: AtomicU64::new(0),
             total_wait_us: AtomicU64::new(0),
@@ -204,37 +211,58 @@ impl Budget {
         self.kick_cv.notify_all();
     }
 
-    /// A memory-pressure notification from the cgroup.
+    /// A memory-pressure notification from the cgroup: the background
+    /// reclaimer frees below its usual watermark (a quarter of what is in
+    /// use) and gives freed heap memory back to the system.
     pub fn pressure(&self) {
         self.pressure.fetch_add(1, Ordering::Relaxed);
+        self.pressure_pending.store(true, Ordering::Release);
         self.kick();
     }
 
     /// Run the background reclaimer on its own thread until `stop`.
     pub fn start_background(self: &Arc<Self>) {
         let me = Arc::downgrade(self);
-        let _ = std::thread::Builder::new().name("reclaim".into()).spawn(move || loop {
-            let Some(b) = me.upgrade() else { return };
-            if b.stop.load(Ordering::Relaxed) {
-                return;
-            }
-            {
-                let mut k = b.kick.lock().unwrap_or_else(|p| p.into_inner());
-                if !*k {
-                    k = b.kick_cv.wait_timeout(k, Duration::from_millis(500)).map(|r| r.0).unwrap_or_else(|p| p.into_inner().0);
+        let _ = std::thread::Builder::new().name("reclaim".into()).spawn(move || {
+            let mut last_trim = Instant::now();
+            loop {
+                let Some(b) = me.upgrade() else { return };
+                if b.stop.load(Ordering::Relaxed) {
+                    return;
                 }
-                *k = false;
-            }
-            let low = b.low_watermark();
-            let used = b.used();
-            if used > low {
-                if let Some(r) = b.reclaimer() {
-                    b.background.fetch_add(1, Ordering::Relaxed);
-                    let scope = ReclaimScope::enter();
-                    r.reclaim(used - low, &scope);
+                {
+                    let mut k = b.kick.lock().unwrap_or_else(|p| p.into_inner());
+                    if !*k {
+                        k = b.kick_cv.wait_timeout(k, Duration::from_millis(500)).map(|r| r.0).unwrap_or_else(|p| p.into_inner().0);
+                    }
+                    *k = false;
                 }
-                let _g = b.freed.lock().unwrap_or_else(|p| p.into_inner());
-                b.freed_cv.notify_all();
+                let pressured = b.pressure_pending.swap(false, Ordering::AcqRel);
+                let used = b.used();
+                let low = if pressured { b.low_watermark().min(used - used / 4) } else { b.low_watermark() };
+                if used > low {
+                    if let Some(r) = b.reclaimer() {
+                        b.background.fetch_add(1, Ordering::Relaxed);
+                        let scope = ReclaimScope::enter();
+                        let freed = r.reclaim(used - low, &scope);
+                        if freed < used - low {
+                            r.release_references(used - low - freed);
+                        }
+                    }
+                    let _g = b.freed.lock().unwrap_or_else(|p| p.into_inner());
+                    b.freed_cv.notify_all();
+                }
+                // What reclaim freed goes back to the system (and the cgroup), not
+                // only to malloc's free lists: at once under pressure, else at
+                // most once a second while reclaim keeps running.
+                if pressured || (used > low && last_trim.elapsed() >= Duration::from_secs(1)) {
+                    last_trim = Instant::now();
+                    #[cfg(target_env = "gnu")]
+                    // SAFETY: malloc_trim only releases free heap pages; no Rust object is touched.
+                    unsafe {
+                        libc::malloc_trim(0);
+                    }
+                }
             }
         });
     }
@@ -259,7 +287,11 @@ impl Budget {
             alloc_waits: self.wait_hist.snapshot().count,
             alloc_wait_p99_us: {
                 let q = self.wait_hist.snapshot().quantile_upper_bound(0.99);
-                if q.is_finite() { (q * 1e6) as u64 } else { u64::MAX }
+                if q.is_finite() {
+                    (q * 1e6) as u64
+                } else {
+                    u64::MAX
+                }
             },
         }
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use mcfs_format::rgrp::BlockState;
 
-use super::{Deferred, ICache, Inode};
+use super::{Deferred, ICache, Inode, INODE_CHARGE};
 use crate::error::{FsError, Result};
 use crate::fs::Fs;
 use crate::glock::{in_tx, Holder, LockName, MaySleep, Mode, ReclaimScope};
@@ -150,7 +150,9 @@ impl Fs {
     fn evict_one(&self, inode: &Arc<Inode>, ctx: &Ctx<'_>) -> Result<Evicted> {
         let ino = inode.ino;
         // Take it out of the cache first, so nobody starts using this copy.
-        let Some(mine) = self.icache.remove(ino) else { return Ok(Evicted::Dropped) };
+        let Some(mine) = self.icache.remove(ino) else {
+            return Ok(Evicted::Dropped);
+        };
         if !Arc::ptr_eq(&mine, inode) || inode.in_use() {
             self.icache.reinsert(mine);
             return Ok(Evicted::InUse);
@@ -342,13 +344,7 @@ impl Fs {
         e.next_try = now + ICache::backoff(e.attempts, self.opts.dealloc_backoff);
         let first = e.attempts == 1;
         drop(q);
-        self.icache.bump(|s| {
-            if first {
-                s.deferred_total += 1
-            } else {
-                s.dealloc_retries += 1
-            }
-        });
+        self.icache.bump(|s| if first { s.deferred_total += 1 } else { s.dealloc_retries += 1 });
         self.icache.deferred_cv.notify_all();
         Evicted::Deferred(why)
     }
@@ -369,7 +365,9 @@ impl Fs {
     /// Evict an unused inode from a context that may sleep (the iput path:
     /// final forget or release of an unlinked inode).
     pub fn iput_final(&self, ino: u64, ms: &MaySleep) -> Result<Evicted> {
-        let Some(i) = self.icache.get(ino) else { return Ok(Evicted::Dropped) };
+        let Some(i) = self.icache.get(ino) else {
+            return Ok(Evicted::Dropped);
+        };
         if i.in_use() {
             return Ok(Evicted::InUse);
         }
@@ -643,6 +641,45 @@ impl Reclaimer for Fs {
             self.bufs.shrink(want - freed(self).min(want));
         }
         freed(self)
+    }
+
+    /// Inodes only the kernel's dentry cache keeps (looked up, not open):
+    /// ask the kernel to drop those entries, least recently used first, on a
+    /// thread of its own (an invalidation takes the directory's lock in the
+    /// kernel, which a FUSE request in progress may hold). The forgets that
+    /// follow make them evictable for the next reclaim pass.
+    fn release_references(&self, want: u64) {
+        let Some(k) = self.icache.kernel() else {
+            return;
+        };
+        if self.icache.releasing.swap(true, Ordering::AcqRel) {
+            return; // a batch is still going
+        }
+        let most = (want / INODE_CHARGE).clamp(64, 4096) as usize;
+        let root = self.root_ino();
+        let batch: Vec<(u64, Vec<u8>)> = self
+            .icache
+            .all_lru()
+            .into_iter()
+            .filter(|i| i.ino != root && i.opens.load(Ordering::Acquire) == 0 && i.pins.load(Ordering::Acquire) == 0 && i.nlookup.load(Ordering::Acquire) > 0)
+            .filter_map(|i| i.last_name.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .take(most)
+            .collect();
+        if batch.is_empty() {
+            self.icache.releasing.store(false, Ordering::Release);
+            return;
+        }
+        self.icache.bump(|s| s.kernel_entries_released += batch.len() as u64);
+        let releasing = self.icache.releasing.clone();
+        let spawned = std::thread::Builder::new().name("kernel-release".into()).spawn(move || {
+            for (parent, name) in batch {
+                k.inval_entry(parent, &name);
+            }
+            releasing.store(false, Ordering::Release);
+        });
+        if spawned.is_err() {
+            self.icache.releasing.store(false, Ordering::Release);
+        }
     }
 }
 

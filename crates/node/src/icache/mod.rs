@@ -89,6 +89,9 @@ pub struct Inode {
     data: Mutex<BTreeMap<u64, DataBlock>>,
     /// Read-ahead state of large files (also dropped with `drop_data`).
     pub ra: Mutex<Readahead>,
+    /// Operations bringing it in that have not yet counted their lookup: while
+    /// non-zero, reclaim leaves it alone (see [`Pinned`]).
+    pub pins: AtomicU32,
     /// Signalled when a read-ahead window lands or is dropped.
     pub ra_cv: Condvar,
     pub last_used: AtomicU64,
@@ -104,7 +107,7 @@ pub struct Inode {
 
 impl Inode {
     pub fn in_use(&self) -> bool {
-        self.nlookup.load(Ordering::Acquire) > 0 || self.opens.load(Ordering::Acquire) > 0
+        self.nlookup.load(Ordering::Acquire) > 0 || self.opens.load(Ordering::Acquire) > 0 || self.pins.load(Ordering::Acquire) > 0
     }
 
     pub fn cached_block(&self, lblk: u64) -> Option<Arc<Vec<u8>>> {
@@ -142,6 +145,44 @@ impl Inode {
     }
 }
 
+/// What one cached inode is charged: the inode, its two glocks (inode and
+/// iopen) with their lock-manager state, and the names the kernel holds for
+/// it. Measured: about 4.5 KiB of resident memory per cached inode (20,000
+/// files looked up by one node: RSS from 10.8 to ~100 MiB).
+pub const INODE_CHARGE: u64 = 4096;
+
+/// An inode held in the cache for the length of an operation that brings it
+/// in: reclaim sees it in use (taking the pin under the cache's lock, while
+/// eviction takes an inode out of the cache before it checks, closes the race
+/// in which a lookup counted its lookup on an inode already evicted, and the
+/// next request found nothing: ESTALE).
+pub struct Pinned(Arc<Inode>);
+
+impl Pinned {
+    fn new(i: Arc<Inode>) -> Pinned {
+        i.pins.fetch_add(1, Ordering::AcqRel);
+        Pinned(i)
+    }
+
+    /// The inode, for use after the pin is let go.
+    pub fn inode(&self) -> Arc<Inode> {
+        self.0.clone()
+    }
+}
+
+impl std::ops::Deref for Pinned {
+    type Target = Arc<Inode>;
+    fn deref(&self) -> &Arc<Inode> {
+        &self.0
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        self.0.pins.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A deallocation that could not be done when the inode was evicted.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Deferred {
@@ -175,6 +216,8 @@ pub struct EvictStats {
     pub handed_to_other_node: u64,
     pub orphans_found: u64,
     pub data_blocks_dropped: u64,
+    /// Cached kernel entries we asked the kernel to drop under memory pressure.
+    pub kernel_entries_released: u64,
     pub sleep_violations: u64,
     pub reclaim_blocked_on: Option<String>,
 }
@@ -191,6 +234,8 @@ pub struct ICache {
     pub(crate) kernel: Mutex<Option<Arc<dyn KernelNotify>>>,
     /// Ask the deallocator for an orphan scan now (after a journal replay).
     pub scan_requested: AtomicBool,
+    /// A batch of kernel entry invalidations is being sent.
+    pub(crate) releasing: Arc<AtomicBool>,
 }
 
 /// Lets the filesystem ask the kernel to drop its references (FUSE
@@ -200,6 +245,9 @@ pub trait KernelNotify: Send + Sync {
     fn forget_entry(&self, parent: u64, ino: u64, name: &[u8]);
     /// The kernel should drop cached attributes and data of `ino`.
     fn inval_inode(&self, ino: u64);
+    /// The kernel may drop its cached entry `name` in `parent` (memory
+    /// reclaim: the forget that follows lets us evict the inode).
+    fn inval_entry(&self, parent: u64, name: &[u8]);
 }
 
 impl ICache {
@@ -214,6 +262,7 @@ impl ICache {
             reclaim_blocked: Mutex::new(None),
             kernel: Mutex::new(None),
             scan_requested: AtomicBool::new(false),
+            releasing: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -238,10 +287,19 @@ impl ICache {
     }
 
     /// Insert a new in-memory inode (the caller took its iopen lock).
-    pub fn insert(&self, ino: u64, generation: u64, iopen: Option<Holder>, charge: Charge) -> Arc<Inode> {
+    /// The cached inode of `ino`, pinned, if there is one.
+    pub fn get_pinned(&self, ino: u64) -> Option<Pinned> {
+        let m = self.lock();
+        m.get(&ino).map(|i| Pinned::new(i.clone()))
+    }
+
+    /// Cache inode `ino` (or find the one already cached), pinned: the caller
+    /// counts its lookup or open before it lets the pin go, so reclaim cannot
+    /// evict it in between.
+    pub fn insert(&self, ino: u64, generation: u64, iopen: Option<Holder>, charge: Charge) -> Pinned {
         let mut m = self.lock();
         if let Some(i) = m.get(&ino) {
-            return i.clone();
+            return Pinned::new(i.clone());
         }
         let i = Arc::new(Inode {
             ino,
@@ -251,6 +309,7 @@ impl ICache {
             iopen: Mutex::new(iopen),
             data: Mutex::new(BTreeMap::new()),
             ra: Mutex::new(Readahead::default()),
+            pins: AtomicU32::new(0),
             ra_cv: Condvar::new(),
             last_used: AtomicU64::new(self.tick.fetch_add(1, Ordering::Relaxed)),
             unlinked: AtomicBool::new(false),
@@ -259,7 +318,7 @@ impl ICache {
             _charge: charge,
         });
         m.insert(ino, i.clone());
-        i
+        Pinned::new(i)
     }
 
     pub fn remove(&self, ino: u64) -> Option<Arc<Inode>> {
@@ -321,12 +380,7 @@ impl ICache {
         s.deferred_now = d.len();
         s.deferred_blocks = d.values().map(|x| x.blocks).sum();
         s.sleep_violations = crate::glock::SLEEP_VIOLATIONS.load(Ordering::Relaxed);
-        s.reclaim_blocked_on = self
-            .reclaim_blocked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|(w, t)| format!("{w} for {} ms", t.elapsed().as_millis()));
+        s.reclaim_blocked_on = self.reclaim_blocked.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(w, t)| format!("{w} for {} ms", t.elapsed().as_millis()));
         s
     }
 
