@@ -137,3 +137,74 @@ pub fn fill_budget_to_low_watermark(tc: &TestCluster, a: u32, fill: usize) -> Va
         i += 1;
     }
 }
+
+/// Steps 1-3 of the seed scenario (see `seed_deadlock.rs`) on a running
+/// 3-node cluster whose node `a` has a small budget: `a` writes its own files
+/// `afill/0..fill`; `c` writes `seed/f*` (with second names `h*`), which `a`
+/// reads; `b` unlinks them while `a` still has them, then stops; `c` writes
+/// more (holding their rgrp again); `a`'s kernel forgets them, so they are
+/// unused inodes on `a`'s LRU; `a`'s budget is filled to just under its low
+/// watermark. Returns what `c` fsynced (name, bytes) and the free blocks
+/// before the scenario.
+pub fn run_seed_steps(tc: &TestCluster, a: u32, b: u32, c: u32, files: usize, fill: usize) -> (Vec<(String, Vec<u8>)>, u64) {
+    let (ma, mb, mc) = (tc.mnt(a), tc.mnt(b), tc.mnt(c));
+    let free0 = statvfs_free(&ma);
+    // A's own files, written first: later read back to fill A's budget
+    fs::create_dir(ma.join("afill")).unwrap();
+    for i in 0..fill {
+        write_sync(&ma.join(format!("afill/{i}")), &vec![i as u8; 24576]);
+    }
+    // 1. C writes files
+    fs::create_dir(mc.join("seed")).unwrap();
+    let mut fsynced = Vec::new();
+    for i in 0..files {
+        let data: Vec<u8> = (0..16384u32).map(|x| (x as usize * 7 + i) as u8).collect();
+        write_sync(&mc.join(format!("seed/f{i}")), &data);
+        // a second name: see below
+        fs::hard_link(mc.join(format!("seed/f{i}")), mc.join(format!("seed/h{i}"))).unwrap();
+    }
+    // 2. A reads them all (its cache holds them; none stays open)
+    for i in 0..files {
+        assert_eq!(fs::read(ma.join(format!("seed/f{i}"))).unwrap().len(), 16384);
+    }
+    // C forgets them (its kernel and its own cache): only A has them in memory
+    drop_kernel_caches();
+    wait_for("C to drop its inodes", Duration::from_secs(10), || {
+        mcfs_cli::proc_util::signal(tc.c.node_pid(c).unwrap(), libc::SIGUSR1);
+        (node_status(tc, c)["eviction"]["cached_inodes"].as_u64().unwrap_or(99) <= 3).then_some(())
+    })
+    .unwrap();
+    // A's kernel caches them under both names (f last)
+    for i in 0..files {
+        fs::metadata(ma.join(format!("seed/h{i}"))).unwrap();
+        fs::metadata(ma.join(format!("seed/f{i}"))).unwrap();
+    }
+    // B unlinks both names while A has them cached. When B then tries to
+    // deallocate, A is asked to let go: it asks its kernel to drop the name it
+    // knows (f), but the kernel still holds the h dentry, so A reports the
+    // inode in use and keeps the duty; B gives up after its retries.
+    for i in 0..files {
+        fs::remove_file(mb.join(format!("seed/f{i}"))).unwrap();
+        fs::remove_file(mb.join(format!("seed/h{i}"))).unwrap();
+    }
+    wait_for("B to hand the deallocations over", Duration::from_secs(20), || (node_status(tc, b)["eviction"]["deferred_now"].as_u64() == Some(0)).then_some(())).unwrap();
+    tc.c.stop(b).unwrap();
+    // C writes more: it holds the rgrp of the unlinked inodes in EX again
+    for i in 0..8 {
+        let data: Vec<u8> = (0..8192u32).map(|x| (x as usize * 13 + i) as u8).collect();
+        write_sync(&mc.join(format!("seed/c{i}")), &data);
+        fsynced.push((format!("seed/c{i}"), data));
+    }
+    // 3. A's kernel forgets them: unused inodes on A's LRU
+    drop_kernel_caches();
+    wait_for("A to hold the unlinked inodes unused", Duration::from_secs(10), || (node_status(tc, a)["eviction"]["unused_inodes"].as_u64().unwrap_or(0) >= files as u64).then_some(())).unwrap();
+    // fill A's budget to just under its low watermark with its own cached
+    // data, so that replay's first 1 MiB read goes over the limit
+    fill_budget_to_low_watermark(tc, a, fill);
+    let st = node_status(tc, a);
+    let ev = &st["eviction"];
+    assert_eq!(ev["deferred_total"].as_u64(), Some(0), "nothing may have been evicted before the kill: {ev}");
+    assert_eq!(st["ops"]["inodes_deallocated"].as_u64(), Some(0), "nothing may have been deallocated before the kill: {st}");
+    assert!(st["memory"]["used"].as_u64().unwrap() + (1 << 20) > st["memory"]["limit"].as_u64().unwrap(), "replay's first read must go over the limit: {}", st["memory"]);
+    (fsynced, free0)
+}

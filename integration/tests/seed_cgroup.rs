@@ -32,7 +32,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use mcfs_integration::seed::{check_after_nonblocking_recovery, drop_kernel_caches, fill_budget_to_low_watermark, exclusive, mib, node_status, proc_status_bytes, recovery_released, statvfs_free, write_sync};
+use mcfs_integration::seed::{check_after_nonblocking_recovery, exclusive, mib, node_status, proc_status_bytes, recovery_released, run_seed_steps};
 use mcfs_integration::{fsck, wait_for, TestCluster};
 
 fn rss(pid: u32) -> u64 {
@@ -303,50 +303,8 @@ fn setup_with(mode: &str, hog_mib: u64, limit_for: fn(u64) -> u64) -> Setup {
     want.sort();
     assert_eq!(procs, want, "exactly node A and fenced are in the cgroup");
     assert!(tc.c.log(&format!("node{A}")).exists());
-    let (a, b, c) = (tc.mnt(A), tc.mnt(B), tc.mnt(C));
-    let free0 = statvfs_free(&a);
-    fs::create_dir(a.join("afill")).unwrap();
-    for i in 0..FILL {
-        write_sync(&a.join(format!("afill/{i}")), &vec![i as u8; 24576]);
-    }
-    fs::create_dir(c.join("seed")).unwrap();
-    for i in 0..FILES {
-        let data: Vec<u8> = (0..16384u32).map(|x| (x as usize * 7 + i) as u8).collect();
-        write_sync(&c.join(format!("seed/f{i}")), &data);
-        fs::hard_link(c.join(format!("seed/f{i}")), c.join(format!("seed/h{i}"))).unwrap();
-    }
-    for i in 0..FILES {
-        assert_eq!(fs::read(a.join(format!("seed/f{i}"))).unwrap().len(), 16384);
-    }
-    drop_kernel_caches();
-    wait_for("C to drop its inodes", Duration::from_secs(10), || {
-        mcfs_cli::proc_util::signal(tc.c.node_pid(C).unwrap(), libc::SIGUSR1);
-        (node_status(tc, C)["eviction"]["cached_inodes"].as_u64().unwrap_or(99) <= 3).then_some(())
-    })
-    .unwrap();
-    for i in 0..FILES {
-        fs::metadata(a.join(format!("seed/h{i}"))).unwrap();
-        fs::metadata(a.join(format!("seed/f{i}"))).unwrap();
-    }
-    for i in 0..FILES {
-        fs::remove_file(b.join(format!("seed/f{i}"))).unwrap();
-        fs::remove_file(b.join(format!("seed/h{i}"))).unwrap();
-    }
-    wait_for("B to hand the deallocations over", Duration::from_secs(20), || (node_status(tc, B)["eviction"]["deferred_now"].as_u64() == Some(0)).then_some(())).unwrap();
-    tc.c.stop(B).unwrap();
-    let mut fsynced = Vec::new();
-    for i in 0..8 {
-        let data: Vec<u8> = (0..8192u32).map(|x| (x as usize * 13 + i) as u8).collect();
-        write_sync(&c.join(format!("seed/c{i}")), &data);
-        fsynced.push((format!("seed/c{i}"), data));
-    }
-    drop_kernel_caches();
-    wait_for("A to hold the unlinked inodes unused", Duration::from_secs(10), || (node_status(tc, A)["eviction"]["unused_inodes"].as_u64().unwrap_or(0) >= FILES as u64).then_some(())).unwrap();
-    fill_budget_to_low_watermark(tc, A, FILL);
+    let (fsynced, free0) = run_seed_steps(tc, A, B, C, FILES, FILL);
     let st = node_status(tc, A);
-    assert_eq!(st["eviction"]["deferred_total"].as_u64(), Some(0), "nothing may have been evicted before the kill: {}", st["eviction"]);
-    assert_eq!(st["ops"]["inodes_deallocated"].as_u64(), Some(0), "nothing may have been deallocated before the kill");
-    assert!(st["memory"]["used"].as_u64().unwrap() + (1 << 20) > st["memory"]["limit"].as_u64().unwrap(), "replay's first read must go over A's budget: {}", st["memory"]);
     // the real memory: set the hard limit just above what the cgroup uses now
     let usage = s.cg.usage();
     let limit = limit_for(usage);

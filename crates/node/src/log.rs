@@ -213,6 +213,13 @@ impl Log {
         g.freed.range(first..first.saturating_add(count)).copied().collect()
     }
 
+    /// How many blocks of `[first, first + count)` [`Log::uncommitted_frees_in`]
+    /// would return, without copying them.
+    pub fn uncommitted_frees_count(&self, first: u64, count: u64) -> usize {
+        let g = self.lock();
+        g.freed.range(first..first.saturating_add(count)).count()
+    }
+
     /// Open a transaction. Flushes first when the log is filling up.
     pub fn begin(&self) -> Result<Tx<'_>> {
         self.check_withdrawn()?;

@@ -79,7 +79,7 @@ impl Fs {
                 };
                 let hdr = self.rgrp_header(&l)?;
                 // blocks freed by uncommitted transactions are not free yet
-                let quarantined = self.log.uncommitted_frees_in(l.data_start, l.data_blocks as u64).len() as u32;
+                let quarantined = self.log.uncommitted_frees_count(l.data_start, l.data_blocks as u64) as u32;
                 let usable = hdr.free.saturating_sub(quarantined);
                 if usable >= min.max(1) {
                     self.rgrp_hint.store(i + 1, std::sync::atomic::Ordering::Relaxed);
@@ -326,7 +326,7 @@ impl Fs {
         if !res.layout.contains_data(b) {
             return Err(FsError::Other(format!("internal: block {b} is not in the reserved rgrp")));
         }
-        if self.block_state(b)? != BlockState::Free || !self.log.uncommitted_frees_in(b, 1).is_empty() {
+        if self.block_state(b)? != BlockState::Free || self.log.uncommitted_frees_count(b, 1) > 0 {
             return Err(FsError::Other(format!("internal: block {b} is no longer free")));
         }
         let l = &res.layout;
