@@ -218,6 +218,7 @@ pub fn secret_file(dir: &Path) -> Result<PathBuf> {
 pub mod dlmd;
 pub mod fence;
 pub mod ops;
+pub mod rng;
 pub mod seed;
 pub mod workload;
 

@@ -51,36 +51,12 @@ use std::time::{Duration, Instant};
 
 use mcfs_format::header::{self, BlockType};
 use mcfs_integration::{bin, is_mounted, Daemon, MountGuard};
+use mcfs_integration::rng::{env_u64, Rng};
 
 const IMAGE_BYTES: u64 = 16 << 20;
 const WALK_TIMEOUT: Duration = Duration::from_secs(40);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|s| s.trim().parse().ok())
-}
-
-/// splitmix64
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
-        &v[self.below(v.len() as u64) as usize]
-    }
-}
 
 // ---------------------------------------------------------------- the base image
 

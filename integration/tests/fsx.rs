@@ -30,6 +30,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use mcfs_integration::TestCluster;
+use mcfs_integration::rng::{env_u64, Rng};
 
 const SINGLE_NODE_OPS: u64 = 20_000;
 const TWO_NODE_OPS: u64 = 3000;
@@ -45,29 +46,6 @@ const BS: u64 = 4096;
 /// Full-file comparison every this many operations.
 const CHECK_EVERY: u64 = 100;
 
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|s| s.trim().parse().ok())
-}
-
-/// splitmix64: small, seedable, good enough to pick operations.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in 0..n (n > 0).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 enum Kind {
