@@ -82,6 +82,99 @@ fn two_nodes_see_each_other() {
     tc.c.stop(2).unwrap();
 }
 
+/// The kernel caches attributes (and, with `-o namecache`, names) while this
+/// node holds their glocks (docs/SEMANTICS.md, "Kernel caches"). Node 1 caches
+/// each thing first, node 2 changes it, and node 1 must see the change at once:
+/// no waiting, because the change returned on node 2 before node 1's call
+/// starts.
+#[test]
+fn kernel_caches_never_hide_another_nodes_change() {
+    kernel_caches_follow_the_glocks(&[], "entry: 0ns");
+}
+
+#[test]
+fn kernel_name_cache_never_hides_another_nodes_change() {
+    kernel_caches_follow_the_glocks(&["-o", "namecache"], "entry: 3600s");
+}
+
+fn kernel_caches_follow_the_glocks(node1_args: &[&str], policy: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, mut o) = TestCluster::options(2);
+    o.per_node_args.insert(1, node1_args.iter().map(|s| s.to_string()).collect());
+    let tc = TestCluster::up(dir, &o).unwrap();
+    let (m1, m2) = (tc.mnt(1), tc.mnt(2));
+    let log = |n: u32| fs::read_to_string(tc.c.log(&format!("node{n}"))).unwrap_or_default();
+    let line = log(1).lines().find(|l| l.contains("kernel caches")).map(str::to_string).unwrap_or_default();
+    assert!(line.contains(policy) && line.contains("attr: 3600s"), "node 1's kernel cache policy is not {policy}: {line:?}\n{}", log(1));
+    fs::create_dir(m1.join("d")).unwrap();
+    fs::write(m1.join("d/f"), b"12345").unwrap();
+    let st = |p: &std::path::Path| fs::symlink_metadata(p);
+    let twice = |p: &std::path::Path| {
+        // the second call is the one a cache would answer
+        let _ = st(p);
+        st(p)
+    };
+
+    // attributes: mode, owner, size, times, link count
+    assert_eq!(twice(&m1.join("d/f")).unwrap().mode() & 0o777, 0o644);
+    fs::set_permissions(m2.join("d/f"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(st(&m1.join("d/f")).unwrap().mode() & 0o777, 0o600, "mode changed on node 2");
+    std::os::unix::fs::chown(m2.join("d/f"), Some(4321), Some(8765)).unwrap();
+    let a = st(&m1.join("d/f")).unwrap();
+    assert_eq!((a.uid(), a.gid()), (4321, 8765), "owner changed on node 2");
+    fs::OpenOptions::new().append(true).open(m2.join("d/f")).unwrap().write_all(b"678").unwrap();
+    assert_eq!(st(&m1.join("d/f")).unwrap().len(), 8, "appended on node 2");
+    let held = fs::File::open(m1.join("d/f")).unwrap();
+    assert_eq!(held.metadata().unwrap().len(), 8);
+    fs::OpenOptions::new().write(true).open(m2.join("d/f")).unwrap().set_len(2).unwrap();
+    assert_eq!(held.metadata().unwrap().len(), 2, "fstat on node 1 after a truncate on node 2");
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    fs::File::options().write(true).open(m2.join("d/f")).unwrap().set_modified(t).unwrap();
+    assert_eq!(st(&m1.join("d/f")).unwrap().mtime(), 1_000_000_000, "mtime set on node 2");
+    fs::hard_link(m2.join("d/f"), m2.join("d/f2")).unwrap();
+    assert_eq!(st(&m1.join("d/f")).unwrap().nlink(), 2, "linked on node 2");
+    drop(held);
+
+    // names: a rename, an unlink, a name that did not exist, a directory
+    // replaced by another with the same name
+    assert!(twice(&m1.join("d/f2")).is_ok());
+    fs::rename(m2.join("d/f2"), m2.join("d/g")).unwrap();
+    assert_eq!(st(&m1.join("d/f2")).unwrap_err().raw_os_error(), Some(libc::ENOENT), "renamed away on node 2");
+    assert!(st(&m1.join("d/g")).is_ok());
+    fs::remove_file(m2.join("d/g")).unwrap();
+    assert_eq!(st(&m1.join("d/g")).unwrap_err().raw_os_error(), Some(libc::ENOENT), "unlinked on node 2");
+    assert!(twice(&m1.join("d/new")).is_err());
+    fs::write(m2.join("d/new"), b"n").unwrap();
+    assert_eq!(fs::read(m1.join("d/new")).unwrap(), b"n", "created on node 2");
+    fs::create_dir(m1.join("d/sub")).unwrap();
+    fs::write(m1.join("d/sub/inner"), b"old").unwrap();
+    let old_ino = twice(&m1.join("d/sub")).unwrap().ino();
+    assert!(twice(&m1.join("d/sub/inner")).is_ok());
+    fs::remove_file(m2.join("d/sub/inner")).unwrap();
+    fs::remove_dir(m2.join("d/sub")).unwrap();
+    fs::create_dir(m2.join("d/sub")).unwrap();
+    let a = st(&m1.join("d/sub")).unwrap();
+    assert!(a.is_dir() && a.ino() != old_ino, "directory replaced on node 2: node 1 still has inode {old_ino}");
+    assert_eq!(st(&m1.join("d/sub/inner")).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+    let mut names: Vec<String> = fs::read_dir(m1.join("d")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["f", "new", "sub"]);
+
+    // a process whose working directory is in the mount keeps it across
+    // another node's changes (the names are looked up again, not lost)
+    let out = std::process::Command::new("sh")
+        .current_dir(m1.join("d"))
+        .arg("-c")
+        .arg(format!("ls >/dev/null; touch {}/d/from2; /bin/pwd; ls", m2.display()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.starts_with(&format!("{}\n", m1.join("d").display())) && text.contains("from2"), "{text}");
+    tc.c.stop(1).unwrap();
+    tc.c.stop(2).unwrap();
+}
+
 fn statvfs_free(p: &std::path::Path) -> u64 {
     let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };

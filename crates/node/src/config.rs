@@ -125,6 +125,13 @@ pub struct Config {
     pub evict: EvictMode,
     pub allow_other: bool,
     pub read_only: bool,
+    /// Let the kernel cache names and attributes while this node holds their
+    /// glocks (`-o nokernelcache` turns it off; docs/SEMANTICS.md).
+    pub kernel_cache: bool,
+    /// Cluster mounts: let the kernel cache names too (`-o namecache`); a
+    /// change by another node then invalidates every name, which detaches
+    /// mounts stacked inside this one (docs/SEMANTICS.md, "Kernel caches").
+    pub name_cache: bool,
     pub admin: String,
     pub admin_addr_file: Option<PathBuf>,
     pub pid_file: Option<PathBuf>,
@@ -249,12 +256,18 @@ impl Args {
         opts.extend(self.options.iter().flat_map(|o| o.split(',').map(str::to_string)));
         let mut allow_other = false;
         let mut read_only = false;
+        let mut kernel_cache = true;
+        let mut name_cache = false;
         for o in &opts {
             match o.as_str() {
                 "allow_other" => allow_other = true,
                 "ro" => read_only = true,
+                "kernelcache" => kernel_cache = true,
+                "nokernelcache" => kernel_cache = false,
+                "namecache" => name_cache = true,
+                "nonamecache" => name_cache = false,
                 "rw" | "default_permissions" | "" => {}
-                other => return Err(format!("unknown mount option '{other}' (known: allow_other, ro, rw)")),
+                other => return Err(format!("unknown mount option '{other}' (known: allow_other, ro, rw, kernelcache, nokernelcache, namecache, nonamecache)")),
             }
         }
         Ok(Config {
@@ -269,6 +282,8 @@ impl Args {
             evict,
             allow_other,
             read_only,
+            kernel_cache,
+            name_cache,
             admin: self.admin.or(f.admin).unwrap_or_else(|| "127.0.0.1:0".into()),
             admin_addr_file: self.admin_addr_file.or(f.admin_addr_file),
             pid_file: self.pid_file.or(f.pid_file),
@@ -302,7 +317,12 @@ mod tests {
         assert_eq!(c.node_id, 2);
         assert_eq!(c.dlm.as_deref(), Some("127.0.0.1:7000"));
         assert!(c.allow_other);
+        assert!(c.kernel_cache && !c.name_cache);
         assert!(Args::from_mount_helper(&argv[..2]).is_err());
+        let mut off = argv.clone();
+        off[4].push_str(",nokernelcache,namecache");
+        let c = Args::from_mount_helper(&off).unwrap().resolve().unwrap();
+        assert!(!c.kernel_cache && c.name_cache);
     }
 
     #[test]

@@ -342,6 +342,14 @@ impl Fs {
         if !self.withdrawn.swap(true, Ordering::SeqCst) {
             tracing::error!(node = self.node_id, "withdrawing from the filesystem: {why}");
             *self.withdraw_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.to_string());
+            // Nothing the kernel cached may be served any more: every name is
+            // looked up again (and fails), every attribute fetched again.
+            if let Some(k) = self.icache.kernel() {
+                k.inval_all_names();
+                for ino in self.icache.try_inos().unwrap_or_default() {
+                    k.inval_attr(ino);
+                }
+            }
         }
     }
 
@@ -458,6 +466,15 @@ impl GlockOps for Fs {
         self.bufs.invalidate(name);
         if let LockName::Inode(ino) = name {
             self.icache.invalidate_data(ino);
+            // The kernel's copies too, before the lock goes (docs/SEMANTICS.md,
+            // "Kernel caches"): the inode's attributes, and if the kernel may
+            // cache names in it, every name.
+            if let Some(k) = self.icache.kernel() {
+                k.inval_attr(ino);
+                if self.icache.get(ino).is_some_and(|i| i.names_cached.swap(false, Ordering::AcqRel)) {
+                    k.inval_all_names();
+                }
+            }
         }
     }
 

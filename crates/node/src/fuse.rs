@@ -2,12 +2,15 @@
 //! arguments, calls one operation of [`Fs`], and replies; no filesystem logic
 //! lives here (mountpoint-s3's fuse.rs is the model).
 //!
-//! Coherence with the kernel: file handles are opened with FOPEN_DIRECT_IO and
-//! entry/attribute TTLs are zero, so the kernel's caches never hide a change
-//! another node made (docs/SEMANTICS.md).
+//! Coherence with the kernel (docs/SEMANTICS.md, "Kernel caches"): file data
+//! is never cached (FOPEN_DIRECT_IO). Names and attributes are, for as long as
+//! this node holds the glock that covers them: giving the glock up invalidates
+//! the kernel's copies first (`Fs::invalidate`, through [`KernelNotify`]). Where
+//! the kernel cannot be told in time, the TTL is zero ([`Ttls`]).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,21 +30,67 @@ use crate::icache::KernelNotify;
 use crate::inode::Attr;
 use crate::ops::{Caller, DirEntry, SetAttr};
 
-const TTL: Duration = Duration::ZERO;
 const ROOT: u64 = 1;
+
+/// How long the kernel may keep a cached name or attribute. Long on purpose:
+/// what ends a cached copy is the invalidation sent when this node gives up
+/// the glock, not the clock.
+const CACHE_TTL: Duration = Duration::from_secs(3600);
+/// The FUSE protocol minor version with FUSE_NOTIFY_INC_EPOCH (Linux 6.16).
+const EPOCH_MINOR: u32 = 44;
+const FUSE_NOTIFY_INC_EPOCH: i32 = 8;
+
+/// The TTLs replies carry (zero: the kernel asks again next time).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Ttls {
+    /// Names: lookup, create, mkdir, mknod, symlink and link replies.
+    pub entry: Duration,
+    /// Attributes in those same replies. They may set up a new kernel inode,
+    /// and an invalidation sent before the kernel has it is lost, so a cluster
+    /// mount cannot let the kernel keep them.
+    pub entry_attr: Duration,
+    /// Attributes in getattr replies: the kernel drops a reply that an
+    /// invalidation overtook (it compares attribute versions).
+    pub attr: Duration,
+    /// Attributes in setattr replies (the kernel installs them unchecked).
+    pub setattr: Duration,
+}
+
+impl Ttls {
+    /// `cache`: the mount allows kernel caching (`-o nokernelcache` does not);
+    /// `nolock`: no other node can change anything; `names`: a cluster mount
+    /// asked for names to be cached (`-o namecache`) and the kernel can be
+    /// told to look all names up again without taking directory locks.
+    pub fn choose(cache: bool, nolock: bool, names: bool) -> Ttls {
+        let z = Duration::ZERO;
+        match (cache, nolock) {
+            (false, _) => Ttls::default(),
+            (true, true) => Ttls { entry: CACHE_TTL, entry_attr: CACHE_TTL, attr: CACHE_TTL, setattr: CACHE_TTL },
+            (true, false) => Ttls { entry: if names { CACHE_TTL } else { z }, entry_attr: z, attr: CACHE_TTL, setattr: z },
+        }
+    }
+}
 
 pub struct McfsFuse {
     fs: Arc<Fs>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_fh: AtomicU64,
     notifier: Arc<OnceLock<Notifier>>,
+    kernel_cache: bool,
+    name_cache: bool,
+    ttls: Ttls,
+    /// Our own descriptor of the FUSE connection, for the notification fuser
+    /// has no call for (FUSE_NOTIFY_INC_EPOCH). Closed at unmount.
+    epoch_fd: Arc<Mutex<Option<OwnedFd>>>,
 }
 
 /// Tells the kernel to drop entries (used when another node wants to delete an
-/// inode this node's kernel still references).
+/// inode this node's kernel still references) and cached names and attributes
+/// (when a glock goes).
 struct Notify {
     n: Arc<OnceLock<Notifier>>,
     root: u64,
+    epoch_fd: Arc<Mutex<Option<OwnedFd>>>,
 }
 
 impl KernelNotify for Notify {
@@ -51,9 +100,28 @@ impl KernelNotify for Notify {
             let _ = n.delete(INodeNo(p), INodeNo(ino), OsStr::from_bytes(name));
         }
     }
-    fn inval_inode(&self, ino: u64) {
+    fn inval_attr(&self, ino: u64) {
         if let Some(n) = self.n.get() {
-            let _ = n.inval_inode(INodeNo(ino), 0, 0);
+            let i = if ino == self.root { ROOT } else { ino };
+            // offset -1: attributes only (no page cache: data is direct I/O)
+            let _ = n.inval_inode(INodeNo(i), -1, 0);
+        }
+    }
+    fn inval_all_names(&self) {
+        let fd = self.epoch_fd.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(fd) = fd.as_ref() else { return };
+        // struct fuse_out_header { len: u32, error: i32 (the notify code), unique: u64 (0) }
+        let mut m = [0u8; 16];
+        m[0..4].copy_from_slice(&16u32.to_ne_bytes());
+        m[4..8].copy_from_slice(&FUSE_NOTIFY_INC_EPOCH.to_ne_bytes());
+        // SAFETY: writes 16 bytes from a live buffer to a descriptor we own.
+        let r = unsafe { libc::write(fd.as_raw_fd(), m.as_ptr().cast(), m.len()) };
+        if r != m.len() as isize {
+            let e = std::io::Error::last_os_error();
+            // ENOENT/ENODEV: unmounted, nothing left to invalidate
+            if !matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENODEV)) {
+                tracing::error!("FUSE_NOTIFY_INC_EPOCH failed: {e}: the kernel may serve names another node changed");
+            }
         }
     }
     fn inval_entry(&self, parent: u64, name: &[u8]) {
@@ -65,10 +133,20 @@ impl KernelNotify for Notify {
 }
 
 impl McfsFuse {
-    pub fn new(fs: Arc<Fs>) -> McfsFuse {
+    /// `kernel_cache`: let the kernel cache names and attributes;
+    /// `name_cache`: names too on a cluster mount (see [`Ttls`]).
+    pub fn new(fs: Arc<Fs>, kernel_cache: bool, name_cache: bool) -> McfsFuse {
         let notifier = Arc::new(OnceLock::new());
-        fs.icache.set_kernel(Arc::new(Notify { n: notifier.clone(), root: fs.root_ino() }));
-        McfsFuse { fs, dirs: Mutex::new(HashMap::new()), next_fh: AtomicU64::new(1), notifier }
+        let epoch_fd = Arc::new(Mutex::new(None));
+        fs.icache.set_kernel(Arc::new(Notify { n: notifier.clone(), root: fs.root_ino(), epoch_fd: epoch_fd.clone() }));
+        McfsFuse { fs, dirs: Mutex::new(HashMap::new()), next_fh: AtomicU64::new(1), notifier, kernel_cache, name_cache, ttls: Ttls::default(), epoch_fd }
+    }
+
+    /// Before an operation whose reply gives names in `parent` a TTL.
+    fn names_in(&self, parent: INodeNo) {
+        if !self.ttls.entry.is_zero() {
+            self.fs.kernel_caches_names(self.ino(parent));
+        }
     }
 
     fn ino(&self, i: INodeNo) -> u64 {
@@ -105,7 +183,7 @@ impl McfsFuse {
 
     fn entry(&self, r: Result<Attr, FsError>, reply: ReplyEntry) {
         match r {
-            Ok(a) => reply.entry(&TTL, &self.attr(&a), Generation(a.generation)),
+            Ok(a) => reply.entry_with_ttls(&self.ttls.entry_attr, &self.ttls.entry, &self.attr(&a), Generation(a.generation)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -113,10 +191,31 @@ impl McfsFuse {
     /// Run the session until unmounted. Blocks.
     pub fn run(self, mountpoint: &Path, config: &fuser::Config) -> std::io::Result<()> {
         let notifier = self.notifier.clone();
+        let epoch_fd = self.epoch_fd.clone();
         let session = fuser::Session::new(self, mountpoint, config)?;
         let _ = notifier.set(session.notifier());
-        session.run()
+        let r = session.run();
+        epoch_fd.lock().unwrap_or_else(|p| p.into_inner()).take();
+        r
     }
+}
+
+/// A descriptor of our FUSE connection: the only /dev/fuse this process has
+/// open during the INIT handshake (fuser opens the per-thread clones later).
+fn dup_dev_fuse() -> Option<OwnedFd> {
+    for e in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+        if std::fs::read_link(e.path()).is_ok_and(|t| t == Path::new("/dev/fuse")) {
+            let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            // SAFETY: `fd` is open in this process (listed just now); the
+            // duplicate is a new descriptor that we own.
+            let d = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+            if d >= 0 {
+                // SAFETY: `d` was just returned by fcntl and nothing else owns it.
+                return Some(unsafe { OwnedFd::from_raw_fd(d) });
+            }
+        }
+    }
+    None
 }
 
 fn errno(e: &FsError) -> Errno {
@@ -177,6 +276,18 @@ impl Filesystem for McfsFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
+        let nolock = self.fs.glocks.backend_kind() == "nolock";
+        let mut fd = self.epoch_fd.lock().unwrap_or_else(|p| p.into_inner());
+        if config.kernel_abi().1 >= EPOCH_MINOR {
+            *fd = dup_dev_fuse();
+        }
+        let epoch = fd.is_some();
+        drop(fd);
+        if self.name_cache && !nolock && !epoch {
+            tracing::warn!(kernel_abi = ?config.kernel_abi(), "namecache needs FUSE_NOTIFY_INC_EPOCH (Linux 6.16, FUSE 7.44): names are not cached");
+        }
+        self.ttls = Ttls::choose(self.kernel_cache, nolock, self.name_cache && epoch);
+        tracing::info!(kernel_abi = ?config.kernel_abi(), ttls = ?self.ttls, "kernel caches");
         Ok(())
     }
 
@@ -184,9 +295,11 @@ impl Filesystem for McfsFuse {
         if let Err(e) = self.fs.unmount() {
             tracing::error!("unmount: {e}");
         }
+        self.epoch_fd.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.names_in(parent);
         self.entry(self.fs.lookup(self.ino(parent), name.as_bytes()), reply);
     }
 
@@ -196,7 +309,7 @@ impl Filesystem for McfsFuse {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(self.ino(ino)) {
-            Ok(a) => reply.attr(&TTL, &self.attr(&a)),
+            Ok(a) => reply.attr(&self.ttls.attr, &self.attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -221,7 +334,7 @@ impl Filesystem for McfsFuse {
     ) {
         let a = SetAttr { mode, uid, gid, size, atime: atime.map(time_or_now), mtime: mtime.map(time_or_now) };
         match self.fs.setattr(self.ino(ino), &a, caller(req)) {
-            Ok(a) => reply.attr(&TTL, &self.attr(&a)),
+            Ok(a) => reply.attr(&self.ttls.setattr, &self.attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -234,10 +347,12 @@ impl Filesystem for McfsFuse {
     }
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        self.names_in(parent);
         self.entry(self.fs.mknod(self.ino(parent), name.as_bytes(), mode & !umask, rdev, caller(req)), reply);
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        self.names_in(parent);
         self.entry(self.fs.mkdir(self.ino(parent), name.as_bytes(), mode & !umask, caller(req)), reply);
     }
 
@@ -256,6 +371,7 @@ impl Filesystem for McfsFuse {
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        self.names_in(parent);
         self.entry(self.fs.symlink(self.ino(parent), link_name.as_bytes(), target.as_os_str().as_bytes(), caller(req)), reply);
     }
 
@@ -278,6 +394,7 @@ impl Filesystem for McfsFuse {
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        self.names_in(newparent);
         self.entry(self.fs.link(self.ino(ino), self.ino(newparent), newname.as_bytes()), reply);
     }
 
@@ -392,8 +509,10 @@ impl Filesystem for McfsFuse {
     }
 
     fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        self.names_in(parent);
         match self.fs.create_open(self.ino(parent), name.as_bytes(), mode & !umask, caller(req), flags & libc::O_EXCL != 0) {
-            Ok(a) => reply.created(&TTL, &self.attr(&a), Generation(a.generation), FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
+            // fuser's created() takes one TTL for the name and the attributes
+            Ok(a) => reply.created(&self.ttls.entry.min(self.ttls.entry_attr), &self.attr(&a), Generation(a.generation), FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(errno(&e)),
         }
     }

@@ -114,6 +114,15 @@ impl Fs {
         }
     }
 
+    /// The kernel is going to cache names found in directory `dir` (replies
+    /// give them a TTL): when its glock goes, the kernel must drop them.
+    /// Called before the operation, so a demote that races it still sees it.
+    pub fn kernel_caches_names(&self, dir: u64) {
+        if let Some(i) = self.icache.get(dir) {
+            i.names_cached.store(true, Ordering::Release);
+        }
+    }
+
     /// Bring `ino` into memory: iopen shared first (lock order iopen -> inode).
     fn instantiate(&self, ino: u64, ms: &MaySleep) -> Result<Pinned> {
         if let Some(i) = self.icache.get_pinned(ino) {

@@ -333,7 +333,7 @@ fn run(cfg: Config) -> Result<(), String> {
     }
     fc.n_threads = Some(cfg.threads);
     fc.clone_fd = true;
-    let res = mcfs_node::fuse::McfsFuse::new(fs.clone()).run(&cfg.mountpoint, &fc);
+    let res = mcfs_node::fuse::McfsFuse::new(fs.clone(), cfg.kernel_cache, cfg.name_cache).run(&cfg.mountpoint, &fc);
     // destroy() has run: the filesystem is unmounted (or withdrawn).
     let clean = !fs.is_withdrawn();
     if let Err(e) = res {

@@ -102,6 +102,9 @@ pub struct Inode {
     /// Where the kernel last found it (parent, name): lets us tell the kernel to
     /// forget it when another node wants to delete it.
     pub last_name: Mutex<Option<(u64, Vec<u8>)>>,
+    /// A directory whose names the kernel may cache (a reply gave an entry
+    /// TTL): giving up its glock must tell the kernel to drop them.
+    pub names_cached: AtomicBool,
     _charge: Charge,
 }
 
@@ -243,8 +246,12 @@ pub struct ICache {
 pub trait KernelNotify: Send + Sync {
     /// The kernel should forget `name` in `parent` (which referred to `ino`).
     fn forget_entry(&self, parent: u64, ino: u64, name: &[u8]);
-    /// The kernel should drop cached attributes and data of `ino`.
-    fn inval_inode(&self, ino: u64);
+    /// The kernel should drop the attributes it cached for `ino`.
+    fn inval_attr(&self, ino: u64);
+    /// The kernel should look every cached name up again before it uses it
+    /// (a connection-wide dentry epoch: it takes no inode lock, so it can be
+    /// sent while requests on those directories wait for the glock).
+    fn inval_all_names(&self);
     /// The kernel may drop its cached entry `name` in `parent` (memory
     /// reclaim: the forget that follows lets us evict the inode).
     fn inval_entry(&self, parent: u64, name: &[u8]);
@@ -286,6 +293,12 @@ impl ICache {
         i
     }
 
+    /// The cached inode numbers, unless the map is locked (a withdraw from a
+    /// panic may run on a thread that holds it).
+    pub fn try_inos(&self) -> Option<Vec<u64>> {
+        self.map.try_lock().ok().map(|m| m.keys().copied().collect())
+    }
+
     /// Insert a new in-memory inode (the caller took its iopen lock).
     /// The cached inode of `ino`, pinned, if there is one.
     pub fn get_pinned(&self, ino: u64) -> Option<Pinned> {
@@ -315,6 +328,7 @@ impl ICache {
             unlinked: AtomicBool::new(false),
             gone: AtomicBool::new(false),
             last_name: Mutex::new(None),
+            names_cached: AtomicBool::new(false),
             _charge: charge,
         });
         m.insert(ino, i.clone());
