@@ -273,22 +273,30 @@ fn seq_io(dir: &Path, size: u64) -> Result<(f64, f64)> {
     f.sync_all()?;
     drop(f);
     let w = (size >> 20) as f64 / t.elapsed().as_secs_f64();
-    drop_caches();
-    let t = Instant::now();
-    let mut f = fs::File::open(&p)?;
-    let mut rb = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = f.read(&mut rb)?;
-        if n == 0 {
-            break;
+    // Read twice, each time after dropping the caches, and keep the better:
+    // below the loop device the host caches what it has served once (a second
+    // O_DIRECT read of the raw device runs up to 2x the first), and whoever
+    // reads a region first pays for it. Two reads give both filesystems the
+    // same chance.
+    let mut r: f64 = 0.0;
+    for _ in 0..2 {
+        drop_caches();
+        let t = Instant::now();
+        let mut f = fs::File::open(&p)?;
+        let mut rb = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            let n = f.read(&mut rb)?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
         }
-        total += n as u64;
+        if total != size {
+            bail!("read back {total} of {size} bytes");
+        }
+        r = r.max((size >> 20) as f64 / t.elapsed().as_secs_f64());
     }
-    if total != size {
-        bail!("read back {total} of {size} bytes");
-    }
-    let r = (size >> 20) as f64 / t.elapsed().as_secs_f64();
     fs::remove_file(&p)?;
     Ok((w, r))
 }
@@ -307,19 +315,25 @@ fn mount_throughput(o: &BenchOpts, work: &Path) -> Result<Vec<Row>> {
     let label = format!("{} MiB sequential", size >> 20);
     let mut rows = vec![
         row("mount", &format!("{label} write+fsync"), mw, Some((ew, "ext4, same device")), "MiB/s", true, ">= 0.7x", Some(mw / ew >= 0.7)),
-        row("mount", &format!("{label} read (cold)"), mr, Some((er, "ext4, same device")), "MiB/s", true, ">= 0.7x", Some(mr / er >= 0.7)),
+        row("mount", &format!("{label} read (cold, best of 2)"), mr, Some((er, "ext4, same device")), "MiB/s", true, ">= 0.7x", Some(mr / er >= 0.7)),
     ];
     // What the device itself gives a sequential reader (for reading the ext4
     // figure: the backing image may sit in the host's cache, page cache or not).
     if let Some(fio_read) = which("fio").and_then(|f| fio_seq_read(&f, &lo.dev, size)) {
-        rows.push(row("mount", &format!("{label} read (cold), vs the raw device"), mr, Some((fio_read, "fio 1M qd8 read")), "MiB/s", true, "-", None));
+        rows.push(row("mount", &format!("{label} read (cold, best of 2), vs the raw device"), mr, Some((fio_read, "fio 1M qd8 read")), "MiB/s", true, "-", None));
     }
     Ok(rows)
 }
 
 /// MiB/s of fio reading `size` bytes of `dev` sequentially, 1 MiB requests,
-/// 8 in flight, O_DIRECT (None if fio fails).
+/// 8 in flight, O_DIRECT (None if fio fails); the better of two runs, as
+/// [`seq_io`] reads.
 fn fio_seq_read(fio: &Path, dev: &Path, size: u64) -> Option<f64> {
+    let a = fio_seq_read_once(fio, dev, size)?;
+    Some(a.max(fio_seq_read_once(fio, dev, size).unwrap_or(0.0)))
+}
+
+fn fio_seq_read_once(fio: &Path, dev: &Path, size: u64) -> Option<f64> {
     drop_caches();
     let out = Command::new(fio)
         .args(["--name=seqread", "--rw=read", "--bs=1M", "--iodepth=8", "--ioengine=io_uring", "--direct=1", "--output-format=terse"])
