@@ -29,27 +29,11 @@ impl Served {
 }
 
 fn start(kind: &str, dir: &Path, tag: &str, args: &[String]) -> Result<Served> {
-    let addr_file = dir.join(format!("{tag}.addr"));
     let metrics_file = dir.join(format!("{tag}.metrics"));
-    let _ = std::fs::remove_file(&addr_file);
     let _ = std::fs::remove_file(&metrics_file);
     let mut cmd = Command::new(bin(kind));
-    cmd.args(args)
-        .arg("--addr-file")
-        .arg(&addr_file)
-        .arg("--metrics")
-        .arg("127.0.0.1:0")
-        .arg("--metrics-addr-file")
-        .arg(&metrics_file)
-        .env("RUST_LOG", "info");
-    let mut daemon = Daemon::spawn(tag, &mut cmd, dir.join(format!("{tag}.log")))?;
-    let addr = match wait_addr_file(&addr_file, Duration::from_secs(30)) {
-        Ok(a) => a,
-        Err(e) => {
-            let st = daemon.exited();
-            bail!("{tag} did not start ({e}); exit {st:?}; log:\n{}", daemon.log_text());
-        }
-    };
+    cmd.args(args).arg("--metrics").arg("127.0.0.1:0").arg("--metrics-addr-file").arg(&metrics_file).env("RUST_LOG", "info");
+    let (daemon, addr) = Daemon::spawn_listening(tag, &mut cmd, dir.join(format!("{tag}.log")), &dir.join(format!("{tag}.addr")))?;
     let metrics = wait_addr_file(&metrics_file, Duration::from_secs(10))?;
     Ok(Served { daemon, addr, metrics })
 }

@@ -1,11 +1,10 @@
 //! Helpers for the fencing tests: start a real `mcfs-fenced`, and drive it over
 //! gRPC through the real `mcfs fence ...` command, reading its `--json` output.
 
-use crate::{bin, wait_addr_file, Daemon};
+use crate::{bin, Daemon};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
 
 /// A running mcfs-fenced (SIGKILLed on drop) and how to reach it.
 pub struct Fenced {
@@ -17,28 +16,9 @@ pub struct Fenced {
 /// Start `mcfs-fenced --listen 127.0.0.1:0` with `config` and `data_dir`, and wait
 /// until it listens. `tag` names its log file in `dir`.
 pub fn start_fenced(dir: &Path, config: &Path, data_dir: &Path, secret: &Path, tag: &str) -> Result<Fenced> {
-    let addr_file = dir.join(format!("{tag}.addr"));
-    let _ = std::fs::remove_file(&addr_file);
     let mut cmd = Command::new(bin("mcfs-fenced"));
-    cmd.arg("--listen")
-        .arg("127.0.0.1:0")
-        .arg("--config")
-        .arg(config)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("--secret-file")
-        .arg(secret)
-        .arg("--addr-file")
-        .arg(&addr_file)
-        .env("RUST_LOG", "info");
-    let mut daemon = Daemon::spawn(tag, &mut cmd, dir.join(format!("{tag}.log")))?;
-    let addr = match wait_addr_file(&addr_file, Duration::from_secs(30)) {
-        Ok(a) => a,
-        Err(e) => {
-            let st = daemon.exited();
-            bail!("{tag} did not start ({e}); exit {st:?}; log:\n{}", daemon.log_text());
-        }
-    };
+    cmd.arg("--listen").arg("127.0.0.1:0").arg("--config").arg(config).arg("--data-dir").arg(data_dir).arg("--secret-file").arg(secret).env("RUST_LOG", "info");
+    let (daemon, addr) = Daemon::spawn_listening(tag, &mut cmd, dir.join(format!("{tag}.log")), &dir.join(format!("{tag}.addr")))?;
     Ok(Fenced { daemon, addr, secret: secret.to_path_buf() })
 }
 

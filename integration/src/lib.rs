@@ -135,6 +135,21 @@ impl Daemon {
         Ok(Daemon { name: name.to_string(), child: Some(child), log })
     }
 
+    /// [`Daemon::spawn`] a daemon given `--addr-file ADDR_FILE` and wait until it
+    /// writes its listening address there; if it does not, the error carries
+    /// its exit status and log.
+    pub fn spawn_listening(name: &str, cmd: &mut Command, log: PathBuf, addr_file: &Path) -> Result<(Daemon, String)> {
+        let _ = std::fs::remove_file(addr_file);
+        let mut daemon = Daemon::spawn(name, cmd.arg("--addr-file").arg(addr_file), log)?;
+        match wait_addr_file(addr_file, Duration::from_secs(30)) {
+            Ok(a) => Ok((daemon, a)),
+            Err(e) => {
+                let st = daemon.exited();
+                anyhow::bail!("{name} did not start ({e}); exit {st:?}; log:\n{}", daemon.log_text())
+            }
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }

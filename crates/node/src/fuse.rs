@@ -107,6 +107,8 @@ impl KernelNotify for Notify {
             let _ = n.inval_inode(INodeNo(i), -1, 0);
         }
     }
+    // the FUSE protocol is in the host's byte order
+    #[allow(clippy::host_endian_bytes)]
     fn inval_all_names(&self) {
         let fd = self.epoch_fd.lock().unwrap_or_else(|p| p.into_inner());
         let Some(fd) = fd.as_ref() else { return };

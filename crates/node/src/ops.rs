@@ -360,7 +360,7 @@ impl Fs {
         };
         let gid = if pd.mode & 0o2000 != 0 { pd.gid } else { who.gid };
         let mode = if is_dir && pd.mode & 0o2000 != 0 { mode | 0o2000 } else { mode };
-        let (b, mut d) = {
+        let (b, d) = {
             let mut tx = self.log.begin()?;
             let (b, mut d) = self.alloc_dinode(&mut tx, &res, ino, mode, who.uid, gid, rdev, parent)?;
             if let Some(t) = symlink {
@@ -384,7 +384,6 @@ impl Fs {
         inode.generation.store(d.generation, Ordering::Relaxed);
         *inode.last_name.lock().unwrap_or_else(|p| p.into_inner()) = Some((parent, name.to_vec()));
         drop(ih);
-        d.size = d.size.max(0);
         Ok((inode, d))
     }
 
