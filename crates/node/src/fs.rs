@@ -73,6 +73,8 @@ pub struct Fs {
     /// Read-ahead windows given back after use (a few, so a streaming reader
     /// does not map, zero and unmap fresh memory for every window).
     pub(crate) ra_bufs: Mutex<Vec<mcfs_blockdev::AlignedBuf>>,
+    /// Spare aligned buffers for file data writes.
+    pub(crate) wr_bufs: Mutex<Vec<mcfs_blockdev::AlignedBuf>>,
     pub sb: Superblock,
     pub geo: Geometry,
     pub fsid: u32,
@@ -213,6 +215,7 @@ impl Fs {
         let evict = opts.evict;
         let fs = Arc::new_cyclic(|me| Fs {
             ra_bufs: Mutex::new(Vec::new()),
+            wr_bufs: Mutex::new(Vec::new()),
             dev,
             sb,
             geo,

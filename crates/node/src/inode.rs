@@ -44,6 +44,10 @@ pub struct Attr {
 /// requests of this size submitted together.
 const READ_CHUNK: u64 = 512 << 10;
 
+/// Data buffers up to this size are kept for reuse (a FUSE write is at most
+/// 1 MiB, plus the edge blocks).
+const WRITE_BUF_KEEP_MAX: usize = 2 << 20;
+
 impl Fs {
     pub fn attr_of(&self, d: &Dinode) -> Attr {
         Attr {
@@ -234,16 +238,27 @@ impl Fs {
         let wlen = (wend - off) as usize;
         // Build whole blocks: partial first/last blocks that already existed are
         // read first; new blocks are zero-filled.
-        let mut buf = vec![0u8; (mapped * bs) as usize];
+        // Aligned memory, so the device writes it without another copy; a
+        // recycled buffer holds old bytes, so every byte is written below.
+        let total = (mapped * bs) as usize;
+        let mut buf = self.take_write_buf(total);
         let head = (off - first * bs) as usize;
         let tail_end = head + wlen;
-        if head != 0 && !map[0].1 {
-            self.dev.read_at(map[0].0 * bs, &mut buf[..bs as usize])?;
+        if head != 0 {
+            if map[0].1 {
+                buf[..head].fill(0);
+            } else {
+                self.dev.read_at(map[0].0 * bs, &mut buf[..bs as usize])?;
+            }
         }
         let lastidx = (mapped - 1) as usize;
-        if tail_end % bs as usize != 0 && !map[lastidx].1 && (lastidx > 0 || head == 0) {
-            let s = lastidx * bs as usize;
-            self.dev.read_at(map[lastidx].0 * bs, &mut buf[s..s + bs as usize])?;
+        if tail_end < total {
+            if map[lastidx].1 {
+                buf[tail_end..].fill(0);
+            } else if lastidx > 0 || head == 0 {
+                let s = lastidx * bs as usize;
+                self.dev.read_at(map[lastidx].0 * bs, &mut buf[s..s + bs as usize])?;
+            }
         }
         buf[head..tail_end].copy_from_slice(&data[..wlen]);
         let mut reqs: Vec<(u64, &[u8])> = Vec::new();
@@ -256,11 +271,36 @@ impl Fs {
             reqs.push((map[i].0 * bs, &buf[i * bs as usize..j * bs as usize]));
             i = j;
         }
-        self.dev.write_many(&reqs)?;
+        let r = self.dev.write_many(&reqs);
+        drop(reqs);
+        self.put_write_buf(buf);
+        r?;
         self.log.note_data_write();
         d.size = d.size.max(wend);
         self.stats.data_bytes_written.fetch_add(wlen as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(wlen)
+    }
+
+    /// An aligned buffer of `len` bytes for file data (contents unspecified).
+    fn take_write_buf(&self, len: usize) -> mcfs_blockdev::AlignedBuf {
+        if let Some(mut b) = self.wr_bufs.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            if b.set_len_within_capacity(len) {
+                return b;
+            }
+        }
+        mcfs_blockdev::AlignedBuf::new(len)
+    }
+
+    /// Keep a few data buffers for the next writes (a sequential writer reuses
+    /// the same one; the rest go back to the allocator).
+    fn put_write_buf(&self, b: mcfs_blockdev::AlignedBuf) {
+        const SPARE: usize = 2;
+        if b.capacity() <= WRITE_BUF_KEEP_MAX {
+            let mut v = self.wr_bufs.lock().unwrap_or_else(|p| p.into_inner());
+            if v.len() < SPARE {
+                v.push(b);
+            }
+        }
     }
 
     /// Before a write past the end of file or a truncate up: zero the bytes of
