@@ -348,8 +348,12 @@ impl Fs {
             let Some(c) = self.pick_free(&res, parent + 1, &skip)? else {
                 return Err(FsError::NoSpace);
             };
-            let io = self.glocks.try_acquire(LockName::Iopen(c), Mode::PR);
-            let il = self.glocks.try_acquire(LockName::Inode(c), Mode::EX);
+            // both try-locks at once: one lock-server round trip, not two
+            let (io, il) = std::thread::scope(|s| {
+                let io = s.spawn(|| self.glocks.try_acquire(LockName::Iopen(c), Mode::PR));
+                let il = self.glocks.try_acquire(LockName::Inode(c), Mode::EX);
+                (io.join().unwrap_or_else(|_| Err(FsError::Other("lock thread panicked".into()))), il)
+            });
             match (io, il) {
                 (Ok(io), Ok(il)) => break (c, il, io),
                 _ => skip.push(c),
