@@ -175,6 +175,47 @@ fn kernel_caches_follow_the_glocks(node1_args: &[&str], policy: &str) {
     tc.c.stop(2).unwrap();
 }
 
+/// A node gives up idle inode glocks beyond `max_glocks` (GFS2's glock
+/// shrinker): without it every file it ever created, even deleted ones, kept
+/// a lock on the lock server until another node asked for it.
+#[test]
+fn idle_inode_glocks_are_trimmed_to_max_glocks() {
+    let (dir, mut o) = TestCluster::options(1);
+    o.per_node_args.insert(1, vec!["--max-glocks".into(), "200".into()]);
+    let tc = TestCluster::up(dir, &o).unwrap();
+    let m = tc.mnt(1);
+    fs::create_dir(m.join("churn")).unwrap();
+    fs::create_dir(m.join("kept")).unwrap();
+    for i in 0..1500 {
+        fs::write(m.join(format!("churn/f{i}")), b"x").unwrap();
+        fs::remove_file(m.join(format!("churn/f{i}"))).unwrap();
+    }
+    for i in 0..600 {
+        fs::write(m.join(format!("kept/f{i}")), format!("{i}")).unwrap();
+    }
+    // Each inode this node has in memory holds its iopen lock (shared; the
+    // cache budget bounds those). Beyond them: at most 200 inode glocks, plus
+    // journal and rgrp locks.
+    let beyond_iopen = || {
+        let st = mcfs_integration::seed::status(&tc);
+        let locks = st["lock_server"]["lockspaces"][0]["members"][0]["locks"].as_u64()?;
+        let cached = st["nodes"][0]["status"]["eviction"]["cached_inodes"].as_u64()?;
+        Some(locks.saturating_sub(cached))
+    };
+    let held = wait_for("the node's inode glocks trimmed to max_glocks", Duration::from_secs(30), || beyond_iopen().filter(|n| *n <= 200 + 64))
+        .unwrap_or_else(|e| panic!("{e}: {:?} locks beyond iopen; glocks {}", beyond_iopen(), mcfs_integration::seed::node_status(&tc, 1)["glocks"]));
+    let g = mcfs_integration::seed::node_status(&tc, 1)["glocks"].clone();
+    assert!(g["trimmed"].as_u64().unwrap_or(0) >= 1500, "{g}");
+    // what was given up comes back on use, with the right contents
+    for i in (0..600).step_by(7) {
+        assert_eq!(fs::read_to_string(m.join(format!("kept/f{i}"))).unwrap(), format!("{i}"));
+    }
+    assert_eq!(fs::read_dir(m.join("kept")).unwrap().count(), 600);
+    assert_eq!(fs::read_dir(m.join("churn")).unwrap().count(), 0);
+    eprintln!("locks beyond iopen after trimming: {held}; glocks {g}");
+    tc.c.stop(1).unwrap();
+}
+
 fn statvfs_free(p: &std::path::Path) -> u64 {
     let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };

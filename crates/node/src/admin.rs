@@ -137,6 +137,7 @@ impl Fs {
         x.single("mcfs_node_lock_would_block_total", "counter", "Try-lock requests refused because another node held the lock.", self.glocks.would_block_total.load(Relaxed) as f64);
         x.single("mcfs_node_lock_callbacks_total", "counter", "Blocking callbacks received (another node wants a lock we hold).", self.glocks.callbacks_total.load(Relaxed) as f64);
         x.single("mcfs_node_demotes_total", "counter", "Glock demotes (sync, invalidate, convert or unlock).", self.glocks.demotes_total.load(Relaxed) as f64);
+        x.single("mcfs_node_glocks_trimmed_total", "counter", "Idle inode glocks given up because more than max_glocks were cached.", g.trimmed as f64);
         x.family("mcfs_node_lock_request_seconds", "histogram", "Time a lock-manager request took, grant or refusal.");
         x.histogram("mcfs_node_lock_request_seconds", &[], &self.glocks.lock_wait.snapshot());
         x.single("mcfs_node_lock_waiters", "gauge", "Threads waiting for a glock right now.", self.glocks.waiting().len() as f64);

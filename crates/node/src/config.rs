@@ -61,6 +61,9 @@ pub struct Args {
     /// Minimum glock hold time in milliseconds.
     #[arg(long)]
     pub min_hold_ms: Option<u64>,
+    /// Inode glocks kept while idle (default: one per 4 KiB of the cache budget).
+    #[arg(long)]
+    pub max_glocks: Option<usize>,
     /// Serve Prometheus metrics on this address (GET /metrics).
     #[arg(long)]
     pub metrics: Option<String>,
@@ -98,6 +101,7 @@ pub struct FileConfig {
     pub pid_file: Option<PathBuf>,
     pub threads: Option<usize>,
     pub min_hold_ms: Option<u64>,
+    pub max_glocks: Option<usize>,
     pub metrics: Option<String>,
     pub join_wait_s: Option<u64>,
     pub log_file: Option<PathBuf>,
@@ -137,6 +141,7 @@ pub struct Config {
     pub pid_file: Option<PathBuf>,
     pub threads: usize,
     pub min_hold: Duration,
+    pub max_glocks: Option<usize>,
     pub metrics: Option<String>,
     pub log_json: bool,
     pub join_wait: Duration,
@@ -186,6 +191,7 @@ impl Args {
                         "metrics" => a.metrics = val,
                         "threads" => a.threads = Some(need(val)?.parse().map_err(|_| "threads= must be a number")?),
                         "min_hold_ms" => a.min_hold_ms = Some(need(val)?.parse().map_err(|_| "min_hold_ms= must be a number")?),
+                        "max_glocks" => a.max_glocks = Some(need(val)?.parse().map_err(|_| "max_glocks= must be a number")?),
                         "join_wait_s" => a.join_wait_s = Some(need(val)?.parse().map_err(|_| "join_wait_s= must be a number")?),
                         "log_file" => a.log_file = val.map(PathBuf::from),
                         "force_nolock" => a.force_nolock = true,
@@ -289,6 +295,10 @@ impl Args {
             pid_file: self.pid_file.or(f.pid_file),
             threads: self.threads.or(f.threads).unwrap_or(DEFAULT_THREADS).clamp(1, 64),
             min_hold: Duration::from_millis(self.min_hold_ms.or(f.min_hold_ms).unwrap_or(10)),
+            max_glocks: match self.max_glocks.or(f.max_glocks) {
+                Some(0) => return Err("max_glocks must be at least 1".into()),
+                m => m,
+            },
             metrics: self.metrics.or(f.metrics),
             log_json: self.log_json || f.log_json.unwrap_or(false),
             join_wait: Duration::from_secs(self.join_wait_s.or(f.join_wait_s).unwrap_or(30)),

@@ -36,6 +36,9 @@ pub struct MountOptions {
     pub drain_timeout: Duration,
     /// Longest mount waits for a journal slot.
     pub journal_wait: Duration,
+    /// Inode glocks kept while idle ([`GlockTable::trim`]); None: one per
+    /// 4 KiB of `cache_mem`, between 1,024 and 1,048,576.
+    pub max_glocks: Option<usize>,
 }
 
 impl Default for MountOptions {
@@ -50,6 +53,7 @@ impl Default for MountOptions {
             dealloc_backoff: (Duration::from_millis(100), Duration::from_millis(1000)),
             drain_timeout: Duration::from_secs(30),
             journal_wait: Duration::from_secs(30),
+            max_glocks: None,
         }
     }
 }
@@ -157,6 +161,7 @@ impl Fs {
         let budget = Budget::new(opts.cache_mem);
         let glocks = GlockTable::new(backend, opts.min_hold);
         glocks.gfs2_reclaim.store(opts.evict == EvictMode::Sync, Ordering::Relaxed);
+        glocks.max_cached.store(opts.max_glocks.unwrap_or((opts.cache_mem / 4096).clamp(1024, 1 << 20) as usize), Ordering::Relaxed);
         let withdrawn = Arc::new(AtomicBool::new(false));
         let ms = MaySleep::new().ok_or_else(|| FsError::Other("mount from reclaim".into()))?;
 
@@ -471,8 +476,10 @@ impl GlockOps for Fs {
             self.icache.invalidate_data(ino);
             // The kernel's copies too, before the lock goes (docs/SEMANTICS.md,
             // "Kernel caches"): the inode's attributes, and if the kernel may
-            // cache names in it, every name.
-            if let Some(k) = self.icache.kernel() {
+            // cache names in it, every name. Not on a nolock mount: no other
+            // node can change what the kernel has (a glock goes there only
+            // when trimmed or at unmount).
+            if let Some(k) = self.icache.kernel().filter(|_| self.glocks.backend_kind() != "nolock") {
                 k.inval_attr(ino);
                 if self.icache.get(ino).is_some_and(|i| i.names_cached.swap(false, Ordering::AcqRel)) {
                     k.inval_all_names();

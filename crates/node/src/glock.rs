@@ -245,6 +245,8 @@ struct GlState {
     demote: Option<Mode>,
     demote_since: Option<Instant>,
     acquired_at: Option<Instant>,
+    /// When the last local holder left (for trimming the least recently used).
+    last_used: Option<Instant>,
     waiters: u32,
     lvb: Vec<u8>,
     requests: u64,
@@ -296,6 +298,9 @@ impl Drop for Holder {
                 st.holders_sh = st.holders_sh.saturating_sub(1);
             }
             let idle = !st.holder_ex && st.holders_sh == 0;
+            if idle {
+                st.last_used = Some(Instant::now());
+            }
             self.gl.cv.notify_all();
             idle && st.demote.is_some() && !st.busy
         };
@@ -316,6 +321,10 @@ pub struct GlockCounts {
     pub unlocked: usize,
     pub with_holders: usize,
     pub demote_pending: usize,
+    /// Inode glocks kept granted while idle, at most (then trimmed).
+    pub max_cached: usize,
+    /// Inode glocks given up by trimming so far.
+    pub trimmed: u64,
 }
 
 /// One entry of a glock dump (`mcfs glocks`).
@@ -362,6 +371,10 @@ pub struct GlockTable {
     pub would_block_total: AtomicU64,
     pub demotes_total: AtomicU64,
     pub callbacks_total: AtomicU64,
+    /// Inode glocks kept granted while idle (see [`GlockTable::trim`]).
+    pub max_cached: std::sync::atomic::AtomicUsize,
+    /// Inode glocks given up by trimming.
+    pub trimmed_total: AtomicU64,
 }
 
 impl GlockTable {
@@ -385,6 +398,8 @@ impl GlockTable {
             would_block_total: AtomicU64::new(0),
             demotes_total: AtomicU64::new(0),
             callbacks_total: AtomicU64::new(0),
+            max_cached: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            trimmed_total: AtomicU64::new(0),
         })
     }
 
@@ -764,9 +779,83 @@ impl GlockTable {
         }
     }
 
+    /// GFS2's glock shrinker. Without it every inode this node ever touched
+    /// would keep its glock, and its lock on the lock server, until another
+    /// node asked (each deleted file too: a lock server caps locks per node).
+    /// Keeps at most `max_cached` inode glocks granted: the idle ones used
+    /// longest ago are given up through the demote path (sync, invalidate,
+    /// unlock), as if another node wanted them, down to seven eighths of the
+    /// cap. Entries nobody holds or wants, and that are not granted, are
+    /// forgotten. Run by the demote worker about once a second.
+    pub fn trim(&self) -> usize {
+        const MAX_PER_PASS: usize = 4096;
+        let max = self.max_cached.load(Ordering::Relaxed);
+        let mut victims: Vec<(Instant, LockName)> = Vec::new();
+        let mut granted = 0usize;
+        {
+            let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            // only the map holds it (checked under the map lock, which every
+            // new reference is taken under): nothing can race the removal
+            m.retain(|_, gl| {
+                if Arc::strong_count(gl) > 1 {
+                    return true;
+                }
+                let st = gl.lock_st();
+                st.granted.is_some() || st.busy || st.waiters > 0 || st.demote.is_some() || st.holder_ex || st.holders_sh > 0
+            });
+            if max == usize::MAX {
+                return 0;
+            }
+            for gl in m.values() {
+                if !matches!(gl.name, LockName::Inode(_)) {
+                    continue;
+                }
+                let st = gl.lock_st();
+                if st.granted.is_none() {
+                    continue;
+                }
+                granted += 1;
+                let idle = !st.busy && !st.holder_ex && st.holders_sh == 0 && st.waiters == 0 && st.demote.is_none();
+                let held_long_enough = st.acquired_at.is_none_or(|t| t.elapsed() >= self.min_hold);
+                if idle && held_long_enough {
+                    victims.push((st.last_used.or(st.acquired_at).unwrap_or_else(Instant::now), gl.name));
+                }
+            }
+        }
+        if granted <= max {
+            return 0;
+        }
+        let excess = (granted - max + max / 8).min(MAX_PER_PASS);
+        victims.sort();
+        let mut n = 0;
+        for (_, name) in victims.into_iter().take(excess) {
+            let gl = self.get(name);
+            {
+                let mut st = gl.lock_st();
+                if st.busy || st.holder_ex || st.holders_sh > 0 || st.granted.is_none() || st.demote.is_some() {
+                    continue;
+                }
+                st.demote = Some(Mode::EX);
+                st.demote_since = Some(Instant::now());
+            }
+            // held longer than the minimum hold time: demotes now (or, if a
+            // holder came back meanwhile, when it leaves)
+            if self.try_demote(name).is_none() {
+                n += 1;
+            }
+        }
+        self.trimmed_total.fetch_add(n as u64, Ordering::Relaxed);
+        n
+    }
+
     pub fn counts(&self) -> GlockCounts {
         let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let mut c = GlockCounts { total: m.len(), ..Default::default() };
+        let mut c = GlockCounts {
+            total: m.len(),
+            max_cached: self.max_cached.load(Ordering::Relaxed),
+            trimmed: self.trimmed_total.load(Ordering::Relaxed),
+            ..Default::default()
+        };
         for gl in m.values() {
             let st = gl.lock_st();
             match st.granted {
@@ -844,6 +933,7 @@ fn add_holder(st: &mut GlState, mode: Mode) {
 
 fn demote_worker(table: Weak<GlockTable>) {
     let mut delayed: Vec<(Instant, LockName)> = Vec::new();
+    let mut last_trim = Instant::now();
     loop {
         let Some(t) = table.upgrade() else { return };
         if t.shutdown.load(Ordering::SeqCst) {
@@ -878,6 +968,10 @@ fn demote_worker(table: Weak<GlockTable>) {
                 delayed.push((Instant::now() + d, name));
             }
         }
+        if last_trim.elapsed() >= Duration::from_secs(1) {
+            last_trim = Instant::now();
+            t.trim();
+        }
     }
 }
 
@@ -905,6 +999,56 @@ mod tests {
         let c = t.try_acquire(LockName::Inode(1), Mode::EX).unwrap();
         assert!(matches!(t.try_acquire(LockName::Inode(1), Mode::PR), Err(FsError::WouldBlock)));
         drop(c);
+    }
+
+    #[derive(Default)]
+    struct CountOps {
+        synced: AtomicU64,
+        invalidated: Mutex<Vec<LockName>>,
+    }
+
+    impl GlockOps for CountOps {
+        fn sync(&self, _name: LockName) -> Result<()> {
+            self.synced.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        fn invalidate(&self, name: LockName) {
+            self.invalidated.lock().unwrap().push(name);
+        }
+        fn iopen_wanted(&self, _ino: u64) {}
+        fn fatal(&self, _err: &FsError) {}
+    }
+
+    #[test]
+    fn trim_gives_up_the_least_recently_used_idle_inode_glocks() {
+        let t = GlockTable::new(Arc::new(NoLock::default()), Duration::ZERO);
+        let ops = Arc::new(CountOps::default());
+        let weak: Weak<dyn GlockOps> = Arc::downgrade(&(ops.clone() as Arc<dyn GlockOps>));
+        *t.ops.lock().unwrap() = Some(weak);
+        t.max_cached.store(16, Ordering::Relaxed);
+        let ms = MaySleep::new().unwrap();
+        for i in 0..100 {
+            drop(t.acquire(LockName::Inode(i), if i % 2 == 0 { Mode::EX } else { Mode::PR }, &ms).unwrap());
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        // one in use, one rgrp: neither is trimmed
+        let busy = t.acquire(LockName::Inode(0), Mode::EX, &ms).unwrap();
+        drop(t.acquire(LockName::Rgrp(1), Mode::EX, &ms).unwrap());
+        t.trim();
+        let granted: Vec<LockName> = (0..100).map(LockName::Inode).filter(|n| t.is_granted(*n).is_some()).collect();
+        assert!(granted.len() <= 16 - 16 / 8 + 1, "{} inode glocks still granted", granted.len());
+        assert!(granted.contains(&LockName::Inode(0)), "the held glock was trimmed");
+        assert!(granted.contains(&LockName::Inode(99)), "the most recently used glock was trimmed");
+        assert!(t.is_granted(LockName::Rgrp(1)).is_some());
+        let inv = ops.invalidated.lock().unwrap().clone();
+        assert!(inv.contains(&LockName::Inode(1)) && !inv.contains(&LockName::Inode(0)));
+        // EX glocks were synced before they went (every other one of the trimmed)
+        assert!(ops.synced.load(Ordering::Relaxed) as usize >= inv.len() / 2 - 1);
+        // the next pass forgets the entries of what was given up
+        t.trim();
+        assert!(t.counts().total <= 16 + 2, "{} entries kept", t.counts().total);
+        drop(busy);
+        assert_eq!(t.counts().trimmed as usize, inv.len());
     }
 
     #[test]

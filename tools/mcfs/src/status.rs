@@ -196,8 +196,8 @@ pub fn render(v: &Value) -> String {
         let ev = &st["eviction"];
         let g = &st["glocks"];
         s += &format!(
-            "    glocks {} (EX {}, PR {}, demotes pending {})   cache {} / {} (peak {})   longest alloc wait {} ms\n",
-            g["total"], g["exclusive"], g["shared"], g["demote_pending"], mib(&m["used"]), mib(&m["limit"]), mib(&m["peak"]),
+            "    glocks {} (EX {}, PR {}, demotes pending {}, trimmed {})   cache {} / {} (peak {})   longest alloc wait {} ms\n",
+            g["total"], g["exclusive"], g["shared"], g["demote_pending"], g["trimmed"], mib(&m["used"]), mib(&m["limit"]), mib(&m["peak"]),
             m["longest_alloc_wait_us"].as_u64().unwrap_or(0) / 1000
         );
         s += &format!(

@@ -238,7 +238,7 @@ fn run(cfg: Config) -> Result<(), String> {
         Arc::new(DlmBackend::new(c, rt.handle().clone(), try_timeout))
     };
 
-    let mut opts = MountOptions { node_id: cfg.node_id, evict: cfg.evict, min_hold: cfg.min_hold, force_nolock: cfg.force_nolock, ..Default::default() };
+    let mut opts = MountOptions { node_id: cfg.node_id, evict: cfg.evict, min_hold: cfg.min_hold, force_nolock: cfg.force_nolock, max_glocks: cfg.max_glocks, ..Default::default() };
     let budget = match (cfg.cache_mem, mcfs_node::icache::budget::cgroup_limit()) {
         (Some(m), Some(cg)) => m.min(cg.saturating_sub(cg / 4).max(16 << 20)),
         (Some(m), None) => m,
