@@ -76,9 +76,9 @@ pub struct Fs {
     pub dev: Arc<dyn BlockDevice>,
     /// Read-ahead windows given back after use (a few, so a streaming reader
     /// does not map, zero and unmap fresh memory for every window).
-    pub(crate) ra_bufs: Mutex<Vec<mcfs_blockdev::AlignedBuf>>,
+    pub(crate) ra_bufs: crate::inode::SpareBufs,
     /// Spare aligned buffers for file data writes.
-    pub(crate) wr_bufs: Mutex<Vec<mcfs_blockdev::AlignedBuf>>,
+    pub(crate) wr_bufs: crate::inode::SpareBufs,
     pub sb: Superblock,
     pub geo: Geometry,
     pub fsid: u32,
@@ -219,8 +219,8 @@ impl Fs {
         let log = Log::new(dev.clone(), bs, fsid, opts.node_id, pos, budget.clone(), withdrawn.clone());
         let evict = opts.evict;
         let fs = Arc::new_cyclic(|me| Fs {
-            ra_bufs: Mutex::new(Vec::new()),
-            wr_bufs: Mutex::new(Vec::new()),
+            ra_bufs: crate::inode::SpareBufs::new(2, usize::MAX),
+            wr_bufs: crate::inode::SpareBufs::new(2, crate::inode::WRITE_BUF_KEEP_MAX),
             dev,
             sb,
             geo,
@@ -479,7 +479,7 @@ impl GlockOps for Fs {
             // cache names in it, every name. Not on a nolock mount: no other
             // node can change what the kernel has (a glock goes there only
             // when trimmed or at unmount).
-            if let Some(k) = self.icache.kernel().filter(|_| self.glocks.backend_kind() != "nolock") {
+            if let Some(k) = self.icache.kernel().filter(|_| !self.glocks.is_nolock()) {
                 k.inval_attr(ino);
                 if self.icache.get(ino).is_some_and(|i| i.names_cached.swap(false, Ordering::AcqRel)) {
                     k.inval_all_names();

@@ -96,15 +96,13 @@ struct Notify {
 impl KernelNotify for Notify {
     fn forget_entry(&self, parent: u64, ino: u64, name: &[u8]) {
         if let Some(n) = self.n.get() {
-            let p = if parent == self.root { ROOT } else { parent };
-            let _ = n.delete(INodeNo(p), INodeNo(ino), OsStr::from_bytes(name));
+            let _ = n.delete(fuse_ino_of(parent, self.root), INodeNo(ino), OsStr::from_bytes(name));
         }
     }
     fn inval_attr(&self, ino: u64) {
         if let Some(n) = self.n.get() {
-            let i = if ino == self.root { ROOT } else { ino };
             // offset -1: attributes only (no page cache: data is direct I/O)
-            let _ = n.inval_inode(INodeNo(i), -1, 0);
+            let _ = n.inval_inode(fuse_ino_of(ino, self.root), -1, 0);
         }
     }
     // the FUSE protocol is in the host's byte order
@@ -128,8 +126,7 @@ impl KernelNotify for Notify {
     }
     fn inval_entry(&self, parent: u64, name: &[u8]) {
         if let Some(n) = self.n.get() {
-            let p = if parent == self.root { ROOT } else { parent };
-            let _ = n.inval_entry(INodeNo(p), OsStr::from_bytes(name));
+            let _ = n.inval_entry(fuse_ino_of(parent, self.root), OsStr::from_bytes(name));
         }
     }
 }
@@ -160,7 +157,7 @@ impl McfsFuse {
     }
 
     fn fuse_ino(&self, ino: u64) -> INodeNo {
-        INodeNo(if ino == self.fs.root_ino() { ROOT } else { ino })
+        fuse_ino_of(ino, self.fs.root_ino())
     }
 
     fn attr(&self, a: &Attr) -> FileAttr {
@@ -218,6 +215,11 @@ fn dup_dev_fuse() -> Option<OwnedFd> {
         }
     }
     None
+}
+
+/// The kernel's number for inode `ino`: the root is always FUSE_ROOT_ID.
+fn fuse_ino_of(ino: u64, root: u64) -> INodeNo {
+    INodeNo(if ino == root { ROOT } else { ino })
 }
 
 fn errno(e: &FsError) -> Errno {
@@ -278,7 +280,7 @@ impl Filesystem for McfsFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
-        let nolock = self.fs.glocks.backend_kind() == "nolock";
+        let nolock = self.fs.glocks.is_nolock();
         let mut fd = self.epoch_fd.lock().unwrap_or_else(|p| p.into_inner());
         if config.kernel_abi().1 >= EPOCH_MINOR {
             *fd = dup_dev_fuse();

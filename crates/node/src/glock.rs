@@ -407,6 +407,11 @@ impl GlockTable {
         self.backend.kind()
     }
 
+    /// A single-node mount without a lock server: no other node exists.
+    pub fn is_nolock(&self) -> bool {
+        self.backend.kind() == "nolock"
+    }
+
     /// Connect the filesystem that syncs and invalidates on demote, and start the
     /// demote worker.
     pub fn start(self: &Arc<Self>, ops: Weak<dyn GlockOps>) {

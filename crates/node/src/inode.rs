@@ -44,9 +44,41 @@ pub struct Attr {
 /// requests of this size submitted together.
 const READ_CHUNK: u64 = 512 << 10;
 
-/// Data buffers up to this size are kept for reuse (a FUSE write is at most
-/// 1 MiB, plus the edge blocks).
-const WRITE_BUF_KEEP_MAX: usize = 2 << 20;
+/// Data write buffers up to this size are kept for reuse (a FUSE write is at
+/// most 1 MiB, plus the edge blocks).
+pub(crate) const WRITE_BUF_KEEP_MAX: usize = 2 << 20;
+
+/// A few page-aligned file data buffers kept for reuse (read-ahead windows,
+/// data writes): a streaming reader or writer reuses them instead of mapping,
+/// zeroing and unmapping fresh memory each time.
+pub(crate) struct SpareBufs {
+    bufs: std::sync::Mutex<Vec<mcfs_blockdev::AlignedBuf>>,
+    keep: usize,
+    max_capacity: usize,
+}
+
+impl SpareBufs {
+    /// Keep at most `keep` buffers, none larger than `max_capacity`.
+    pub(crate) fn new(keep: usize, max_capacity: usize) -> SpareBufs {
+        SpareBufs { bufs: std::sync::Mutex::new(Vec::new()), keep, max_capacity }
+    }
+
+    /// A spare of `len` bytes (old contents), if the one on top is big enough
+    /// (one that is not is let go).
+    pub(crate) fn take(&self, len: usize) -> Option<mcfs_blockdev::AlignedBuf> {
+        let mut b = self.bufs.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
+        b.set_len_within_capacity(len).then_some(b)
+    }
+
+    pub(crate) fn put(&self, b: mcfs_blockdev::AlignedBuf) {
+        if b.capacity() <= self.max_capacity {
+            let mut v = self.bufs.lock().unwrap_or_else(|p| p.into_inner());
+            if v.len() < self.keep {
+                v.push(b);
+            }
+        }
+    }
+}
 
 impl Fs {
     pub fn attr_of(&self, d: &Dinode) -> Attr {
@@ -241,7 +273,7 @@ impl Fs {
         // Aligned memory, so the device writes it without another copy; a
         // recycled buffer holds old bytes, so every byte is written below.
         let total = (mapped * bs) as usize;
-        let mut buf = self.take_write_buf(total);
+        let mut buf = self.wr_bufs.take(total).unwrap_or_else(|| mcfs_blockdev::AlignedBuf::new(total));
         let head = (off - first * bs) as usize;
         let tail_end = head + wlen;
         if head != 0 {
@@ -273,34 +305,12 @@ impl Fs {
         }
         let r = self.dev.write_many(&reqs);
         drop(reqs);
-        self.put_write_buf(buf);
+        self.wr_bufs.put(buf);
         r?;
         self.log.note_data_write();
         d.size = d.size.max(wend);
         self.stats.data_bytes_written.fetch_add(wlen as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(wlen)
-    }
-
-    /// An aligned buffer of `len` bytes for file data (contents unspecified).
-    fn take_write_buf(&self, len: usize) -> mcfs_blockdev::AlignedBuf {
-        if let Some(mut b) = self.wr_bufs.lock().unwrap_or_else(|p| p.into_inner()).pop() {
-            if b.set_len_within_capacity(len) {
-                return b;
-            }
-        }
-        mcfs_blockdev::AlignedBuf::new(len)
-    }
-
-    /// Keep a few data buffers for the next writes (a sequential writer reuses
-    /// the same one; the rest go back to the allocator).
-    fn put_write_buf(&self, b: mcfs_blockdev::AlignedBuf) {
-        const SPARE: usize = 2;
-        if b.capacity() <= WRITE_BUF_KEEP_MAX {
-            let mut v = self.wr_bufs.lock().unwrap_or_else(|p| p.into_inner());
-            if v.len() < SPARE {
-                v.push(b);
-            }
-        }
     }
 
     /// Before a write past the end of file or a truncate up: zero the bytes of

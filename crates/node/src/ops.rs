@@ -987,7 +987,7 @@ impl Fs {
                         if at >= d.size || d.is_inline() {
                             return None;
                         }
-                        let reuse = fs.ra_bufs.lock().unwrap_or_else(|p| p.into_inner()).pop();
+                        let reuse = fs.ra_bufs.take(window as usize);
                         let (mut buf, s, len) = fs.read_blocks_into(&d, at, window as u32, reuse).ok()?;
                         buf.truncate(s + len);
                         Some(buf)
@@ -1032,12 +1032,8 @@ impl Fs {
     /// A consumed read-ahead window: kept for the next one if nobody else
     /// still holds it and the spare list is short.
     fn recycle_window(&self, data: Arc<mcfs_blockdev::AlignedBuf>) {
-        const SPARE_WINDOWS: usize = 2;
         if let Ok(b) = Arc::try_unwrap(data) {
-            let mut spare = self.ra_bufs.lock().unwrap_or_else(|p| p.into_inner());
-            if spare.len() < SPARE_WINDOWS {
-                spare.push(b);
-            }
+            self.ra_bufs.put(b);
         }
     }
 
