@@ -481,7 +481,7 @@ impl GlockOps for Fs {
             // when trimmed or at unmount).
             if let Some(k) = self.icache.kernel().filter(|_| !self.glocks.is_nolock()) {
                 k.inval_attr(ino);
-                if self.icache.get(ino).is_some_and(|i| i.names_cached.swap(false, Ordering::AcqRel)) {
+                if self.icache.peek(ino).is_some_and(|i| i.names_cached.swap(false, Ordering::AcqRel)) {
                     k.inval_all_names();
                 }
             }

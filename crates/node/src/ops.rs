@@ -897,6 +897,8 @@ impl Fs {
         if off >= end {
             return Ok(f(&[]));
         }
+        // does a window at `ro` of `n` bytes hold this whole read?
+        let covers = |ro: u64, n: u64| ro <= off && end <= ro + n;
         let (hit, sequential) = {
             let mut ra = inode.ra.lock().unwrap_or_else(|p| p.into_inner());
             let sequential = ra.next == off;
@@ -910,10 +912,10 @@ impl Fs {
             // device read) rather than read the same blocks twice.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
             loop {
-                if ra.ready.iter().any(|(ro, data, _)| *ro <= off && end <= ro + data.len() as u64) {
+                if ra.ready.iter().any(|(ro, data, _)| covers(*ro, data.len() as u64)) {
                     break;
                 }
-                let waiting = sequential && ra.inflight.is_some_and(|(io, il)| io <= off && end <= io + il);
+                let waiting = sequential && ra.inflight.is_some_and(|(io, il)| covers(io, il));
                 let now = std::time::Instant::now();
                 if !waiting || now >= deadline {
                     break;
@@ -926,7 +928,7 @@ impl Fs {
                     self.recycle_window(data);
                 }
             }
-            let hit = ra.ready.iter().find(|(ro, data, _)| *ro <= off && end <= ro + data.len() as u64).map(|(ro, data, _)| (data.clone(), (off - ro) as usize));
+            let hit = ra.ready.iter().find(|(ro, data, _)| covers(*ro, data.len() as u64)).map(|(ro, data, _)| (data.clone(), (off - ro) as usize));
             (hit, sequential)
         };
         // start the next window before copying this one out

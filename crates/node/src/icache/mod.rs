@@ -293,6 +293,12 @@ impl ICache {
         i
     }
 
+    /// The cached inode of `ino` without counting it as a use (for
+    /// bookkeeping that must not move it up the eviction order).
+    pub fn peek(&self, ino: u64) -> Option<Arc<Inode>> {
+        self.lock().get(&ino).cloned()
+    }
+
     /// The cached inode numbers, unless the map is locked (a withdraw from a
     /// panic may run on a thread that holds it).
     pub fn try_inos(&self) -> Option<Vec<u64>> {
