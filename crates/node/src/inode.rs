@@ -41,8 +41,10 @@ pub struct Attr {
 }
 
 /// Largest single device read of file data; longer runs are split into
-/// requests of this size submitted together.
-const READ_CHUNK: u64 = 512 << 10;
+/// requests of this size submitted together. 1 MiB goes out whole from a
+/// buffer in huge pages (read-ahead windows are); in small pages the block
+/// layer splits it at 512 KiB anyway.
+const READ_CHUNK: u64 = 1 << 20;
 
 /// Data write buffers up to this size are kept for reuse (a FUSE write is at
 /// most 1 MiB, plus the edge blocks).
@@ -273,7 +275,13 @@ impl Fs {
         // Aligned memory, so the device writes it without another copy; a
         // recycled buffer holds old bytes, so every byte is written below.
         let total = (mapped * bs) as usize;
-        let mut buf = self.wr_bufs.take(total).unwrap_or_else(|| mcfs_blockdev::AlignedBuf::new(total));
+        let mut buf = self.wr_bufs.take(total).unwrap_or_else(|| {
+            // at least a huge page (see mcfs_blockdev::HUGE): a 1 MiB FUSE
+            // write then goes to the device as one request, not two
+            let mut b = mcfs_blockdev::AlignedBuf::new(total.max(mcfs_blockdev::HUGE));
+            b.truncate(total);
+            b
+        });
         let head = (off - first * bs) as usize;
         let tail_end = head + wlen;
         if head != 0 {

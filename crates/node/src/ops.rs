@@ -15,7 +15,7 @@ use mcfs_format::rgrp::BlockState;
 use crate::error::{FsError, Result};
 use crate::fs::{Fs, StatFs};
 use crate::glock::{Holder, LockName, MaySleep, Mode};
-use crate::icache::{Inode, Pinned};
+use crate::icache::{Inode, Pinned, Readahead};
 use crate::inode::{now, Attr};
 
 /// Who is asking (from the FUSE request).
@@ -56,8 +56,8 @@ const MAX_LINKS: u32 = 65000;
 /// Files up to this size have their data cached (and charged) on read; larger
 /// ones stream past the cache.
 const CACHE_FILE_MAX: u64 = 1 << 20;
-/// Read-ahead window of a sequential reader of a large file (capped at a
-/// sixteenth of the memory budget).
+/// Read-ahead window of a sequential reader of a large file (all windows
+/// ahead together are capped at an eighth of the memory budget).
 const READAHEAD_MAX: u64 = 4 << 20;
 
 fn check_name(name: &[u8]) -> Result<()> {
@@ -915,7 +915,7 @@ impl Fs {
                 if ra.ready.iter().any(|(ro, data, _)| covers(*ro, data.len() as u64)) {
                     break;
                 }
-                let waiting = sequential && ra.inflight.is_some_and(|(io, il)| covers(io, il));
+                let waiting = sequential && ra.in_flight(off, end);
                 let now = std::time::Instant::now();
                 if !waiting || now >= deadline {
                     break;
@@ -945,25 +945,35 @@ impl Fs {
         })
     }
 
-    /// Keep [`crate::icache::Readahead::DEPTH`] windows ahead of a sequential reader at
-    /// `from`: one background thread per inode reads them in turn and stops
-    /// when it is far enough ahead, at the end of the file, on an
-    /// invalidation, or when the glock is no longer cached here.
+    /// Keep [`Readahead::DEPTH`] windows ahead of a sequential reader at
+    /// `from`: up to [`Readahead::STREAMS`] background threads per inode each
+    /// take the next window not yet claimed, and stop when the reader is far
+    /// enough behind, at the end of the file, on an invalidation, or when the
+    /// glock is no longer cached here. Together, the windows ahead take at most
+    /// an eighth of the cache budget.
     fn start_readahead(&self, inode: &Arc<Inode>, from: u64) {
-        let window = (READAHEAD_MAX).min(self.budget.limit() / 16).max(self.bs as u64);
+        let window = READAHEAD_MAX.min(self.budget.limit() / (8 * Readahead::DEPTH as u64)).max(self.bs as u64);
+        let reach = window * Readahead::DEPTH as u64;
         {
             let mut ra = inode.ra.lock().unwrap_or_else(|p| p.into_inner());
-            if ra.running {
+            if ra.running >= Readahead::STREAMS {
                 return;
             }
             let ahead = ra.ahead_end().unwrap_or(from).max(from);
-            if ahead >= from + window * crate::icache::Readahead::DEPTH as u64 - window / 2 {
+            // a running thread takes a free window itself; another one is
+            // only worth starting when two are free
+            let room = if ra.running > 0 { window * 2 } else { window / 2 };
+            if ahead + room > from + reach {
                 return;
             }
-            ra.running = true;
+            ra.running += 1;
         }
+        let stopped = |inode: &Inode| {
+            inode.ra.lock().unwrap_or_else(|p| p.into_inner()).running -= 1;
+            inode.ra_cv.notify_all();
+        };
         let Some(fs) = self.arc() else {
-            inode.ra.lock().unwrap_or_else(|p| p.into_inner()).running = false;
+            stopped(inode);
             return;
         };
         let me = inode.clone();
@@ -976,11 +986,12 @@ impl Fs {
                     let at = ra.ahead_end().unwrap_or(ra.next).max(ra.next);
                     // windows start on a block: read straight into aligned memory
                     let at = at - at % fs.bs as u64;
-                    if at >= ra.next + window * crate::icache::Readahead::DEPTH as u64 {
-                        ra.running = false;
+                    if at >= ra.next + reach {
+                        drop(ra);
+                        stopped(&inode);
                         return;
                     }
-                    ra.inflight = Some((at, window));
+                    ra.inflight.push((at, window));
                     (at, ra.epoch)
                 };
                 // only while the glock is cached here: never a lock request
@@ -1007,27 +1018,26 @@ impl Fs {
                 let go_on = match data {
                     Some((v, charge)) if ra.epoch == epoch => {
                         let full = v.len() as u64 == window;
-                        ra.inflight = None;
-                        ra.ready.push_back((at, Arc::new(v), Some(charge)));
+                        ra.land(at, Arc::new(v), Some(charge));
                         full
                     }
-                    _ => false,
-                };
-                if !go_on {
-                    if ra.epoch == epoch {
-                        ra.inflight = None;
+                    _ => {
+                        if ra.epoch == epoch {
+                            ra.inflight.retain(|&(o, _)| o != at);
+                        }
+                        false
                     }
-                    ra.running = false;
-                    drop(ra);
-                    inode.ra_cv.notify_all();
+                };
+                drop(ra);
+                if !go_on {
+                    stopped(&inode);
                     return;
                 }
-                drop(ra);
                 inode.ra_cv.notify_all();
             }
         });
         if spawned.is_err() {
-            inode.ra.lock().unwrap_or_else(|p| p.into_inner()).running = false;
+            stopped(inode);
         }
     }
 

@@ -38,40 +38,58 @@ struct DataBlock {
     _charge: Charge,
 }
 
-/// Read-ahead of a large file read sequentially: windows read by one
-/// background thread ahead of the reader (up to [`Readahead::DEPTH`] of
-/// them), so the device always has the next read while the kernel copies the
-/// current one. A read that finds its range being read ahead waits for it
-/// instead of reading it a second time.
+/// Read-ahead of a large file read sequentially: windows read by up to
+/// [`Readahead::STREAMS`] background threads ahead of the reader (up to
+/// [`Readahead::DEPTH`] windows ready or in flight), so the device always has
+/// the next reads queued while the kernel copies the current one. A read that
+/// finds its range being read ahead waits for it instead of reading it a
+/// second time.
 #[derive(Default)]
 pub struct Readahead {
     /// Where the next sequential read is expected.
     pub next: u64,
     /// Windows read ahead, in file order: (offset, data, its budget charge).
     pub ready: std::collections::VecDeque<(u64, Arc<mcfs_blockdev::AlignedBuf>, Option<Charge>)>,
-    /// The window the background thread is reading now (offset, length).
-    pub inflight: Option<(u64, u64)>,
-    /// Is a background thread running for this inode?
-    pub running: bool,
+    /// The windows the background threads are reading now (offset, length).
+    pub inflight: Vec<(u64, u64)>,
+    /// Background threads running for this inode.
+    pub running: usize,
     /// Bumped by every invalidation: a prefetch started before it is dropped.
     pub epoch: u64,
 }
 
 impl Readahead {
-    /// Windows kept ahead of a sequential reader.
-    pub const DEPTH: usize = 2;
+    /// Windows kept ahead of a sequential reader (ready or in flight).
+    pub const DEPTH: usize = 3;
+    /// Windows read at once: the device serves one window alone at a lower
+    /// queue depth than it needs, and a single stream leaves it idle between
+    /// windows.
+    pub const STREAMS: usize = 2;
 
     /// Where read-ahead data (ready or in flight) ends.
     pub fn ahead_end(&self) -> Option<u64> {
         let r = self.ready.back().map(|(o, d, _)| o + d.len() as u64);
-        let i = self.inflight.map(|(o, l)| o + l);
+        let i = self.inflight.iter().map(|(o, l)| o + l).max();
         r.max(i)
+    }
+
+    /// Is `[off, end)` inside a window being read now?
+    pub fn in_flight(&self, off: u64, end: u64) -> bool {
+        self.inflight.iter().any(|&(o, l)| o <= off && end <= o + l)
+    }
+
+    /// A window read by a background thread lands: kept in file order (two
+    /// threads may finish out of order).
+    pub fn land(&mut self, at: u64, data: Arc<mcfs_blockdev::AlignedBuf>, charge: Option<Charge>) {
+        self.inflight.retain(|&(o, _)| o != at);
+        let pos = self.ready.iter().position(|(o, _, _)| *o > at).unwrap_or(self.ready.len());
+        self.ready.insert(pos, (at, data, charge));
     }
 
     /// Forget everything read ahead (an invalidation).
     pub fn clear(&mut self) {
         self.ready.clear();
-        self.inflight = None;
+        self.inflight.clear();
         self.epoch += 1;
     }
 }
@@ -416,5 +434,39 @@ impl ICache {
         let span = cap.as_millis().max(1) as u64;
         let j = rand::random::<u64>() % span;
         Duration::from_millis(span / 2 + j / 2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Readahead;
+    use std::sync::Arc;
+
+    fn window(n: usize) -> Arc<mcfs_blockdev::AlignedBuf> {
+        Arc::new(mcfs_blockdev::AlignedBuf::new(n))
+    }
+
+    #[test]
+    fn windows_landing_out_of_order_are_kept_in_file_order() {
+        let mut ra = Readahead::default();
+        ra.inflight.push((0, 100));
+        ra.inflight.push((100, 100));
+        ra.inflight.push((200, 100));
+        assert_eq!(ra.ahead_end(), Some(300));
+        assert!(ra.in_flight(120, 180));
+        assert!(!ra.in_flight(150, 250), "a read across two windows is not inside one");
+        // the second stream finishes first
+        ra.land(100, window(100), None);
+        ra.land(200, window(100), None);
+        ra.land(0, window(100), None);
+        let order: Vec<u64> = ra.ready.iter().map(|(o, _, _)| *o).collect();
+        assert_eq!(order, vec![0, 100, 200]);
+        assert!(ra.inflight.is_empty());
+        assert_eq!(ra.ahead_end(), Some(300));
+        let epoch = ra.epoch;
+        ra.clear();
+        assert!(ra.ready.is_empty() && ra.inflight.is_empty());
+        assert_eq!(ra.epoch, epoch + 1);
+        assert_eq!(ra.ahead_end(), None);
     }
 }
