@@ -171,6 +171,9 @@ impl Fs {
         x.single("mcfs_node_log_checkpoints_total", "counter", "Journal checkpoints (write-back, tail moved).", l.checkpoints as f64);
         x.single("mcfs_node_log_revokes_total", "counter", "Revoke records written.", l.revokes_written as f64);
         x.single("mcfs_node_log_used_blocks", "gauge", "Journal blocks between tail and head.", l.used_blocks as f64);
+        x.single("mcfs_node_data_inflight_bytes", "gauge", "File data written behind and not yet on the device.", l.data.inflight_bytes as f64);
+        x.single("mcfs_node_data_writes_behind_total", "counter", "File data writes queued to the write-behind writers.", l.data.writes_behind as f64);
+        x.single("mcfs_node_data_writes_waited_total", "counter", "Writes that first waited for an overlapping write in flight or for room.", l.data.writes_waited as f64);
         x.single("mcfs_node_journals_replayed_total", "counter", "Dirty journals this node replayed (own at mount, others' on recovery).", self.stats.journals_replayed.load(Relaxed) as f64);
         x.single("mcfs_node_ops_total", "counter", "Filesystem operations served.", self.stats.ops.load(Relaxed) as f64);
         x.single("mcfs_node_op_errors_total", "counter", "Operations that failed (not counting ENOENT/EEXIST).", self.stats.errors.load(Relaxed) as f64);

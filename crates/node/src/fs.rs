@@ -77,8 +77,6 @@ pub struct Fs {
     /// Read-ahead windows given back after use (a few, so a streaming reader
     /// does not map, zero and unmap fresh memory for every window).
     pub(crate) ra_bufs: crate::inode::SpareBufs,
-    /// Spare aligned buffers for file data writes.
-    pub(crate) wr_bufs: crate::inode::SpareBufs,
     pub sb: Superblock,
     pub geo: Geometry,
     pub fsid: u32,
@@ -220,7 +218,6 @@ impl Fs {
         let evict = opts.evict;
         let fs = Arc::new_cyclic(|me| Fs {
             ra_bufs: crate::inode::SpareBufs::new(2, usize::MAX),
-            wr_bufs: crate::inode::SpareBufs::new(2, crate::inode::WRITE_BUF_KEEP_MAX),
             dev,
             sb,
             geo,
@@ -396,6 +393,7 @@ impl Fs {
         };
         self.glocks.stop();
         self.budget.stop();
+        self.log.data.shutdown();
         // The journal lock goes last: our journal is clean (or we withdrew, and
         // then recovery must replay it: keep it until the process ends).
         if res.is_ok() {

@@ -46,10 +46,6 @@ pub struct Attr {
 /// layer splits it at 512 KiB anyway.
 const READ_CHUNK: u64 = 1 << 20;
 
-/// Data write buffers up to this size are kept for reuse (a FUSE write is at
-/// most 1 MiB, plus the edge blocks).
-pub(crate) const WRITE_BUF_KEEP_MAX: usize = 2 << 20;
-
 /// A few page-aligned file data buffers kept for reuse (read-ahead windows,
 /// data writes): a streaming reader or writer reuses them instead of mapping,
 /// zeroing and unmapping fresh memory each time.
@@ -186,6 +182,8 @@ impl Fs {
         let first = off / bs;
         let last = (end - 1) / bs;
         let map = self.bmap_range(d, first, last - first + 1)?;
+        // this file's data still being written behind lands first
+        self.log.data.wait_inode(d.ino)?;
         let want = ((last - first + 1) * bs) as usize;
         let mut out = match reuse.filter(|b| b.capacity() >= want) {
             Some(mut b) => {
@@ -275,20 +273,27 @@ impl Fs {
         // Aligned memory, so the device writes it without another copy; a
         // recycled buffer holds old bytes, so every byte is written below.
         let total = (mapped * bs) as usize;
-        let mut buf = self.wr_bufs.take(total).unwrap_or_else(|| {
-            // at least a huge page (see mcfs_blockdev::HUGE): a 1 MiB FUSE
-            // write then goes to the device as one request, not two
-            let mut b = mcfs_blockdev::AlignedBuf::new(total.max(mcfs_blockdev::HUGE));
-            b.truncate(total);
-            b
-        });
+        // Written behind (crate::wb): this returns once the write is queued.
+        let mut buf = self.log.data.take_buf(total);
         let head = (off - first * bs) as usize;
         let tail_end = head + wlen;
+        // An edge block that already exists: its image held back by the
+        // write before (usually the one this continues), or read once no
+        // write of it is in flight.
+        let edge = |boff: u64, dst: &mut [u8]| -> Result<()> {
+            if let Some(img) = self.log.data.take_tail(d.ino, boff) {
+                dst.copy_from_slice(&img);
+                return Ok(());
+            }
+            self.log.data.wait_ranges(&[(boff, boff + bs)])?;
+            self.dev.read_at(boff, dst)?;
+            Ok(())
+        };
         if head != 0 {
             if map[0].1 {
                 buf[..head].fill(0);
             } else {
-                self.dev.read_at(map[0].0 * bs, &mut buf[..bs as usize])?;
+                edge(map[0].0 * bs, &mut buf[..bs as usize])?;
             }
         }
         let lastidx = (mapped - 1) as usize;
@@ -297,24 +302,35 @@ impl Fs {
                 buf[tail_end..].fill(0);
             } else if lastidx > 0 || head == 0 {
                 let s = lastidx * bs as usize;
-                self.dev.read_at(map[lastidx].0 * bs, &mut buf[s..s + bs as usize])?;
+                edge(map[lastidx].0 * bs, &mut buf[s..s + bs as usize])?;
             }
         }
         buf[head..tail_end].copy_from_slice(&data[..wlen]);
-        let mut reqs: Vec<(u64, &[u8])> = Vec::new();
+        // A last block the write ends inside is held back: the next write
+        // likely finishes it.
+        let whole = if tail_end < total { lastidx } else { map.len() };
+        if whole < map.len() {
+            let s = lastidx * bs as usize;
+            let img = mcfs_blockdev::AlignedBuf::from_slice(&buf[s..s + bs as usize]);
+            let charge = self.budget.charge_no_reclaim(bs);
+            self.log.data.hold_tail(d.ino, map[lastidx].0 * bs, img, Some(charge))?;
+        }
+        let mut reqs: Vec<(u64, std::ops::Range<usize>)> = Vec::new();
         let mut i = 0;
-        while i < map.len() {
+        while i < whole {
             let mut j = i + 1;
-            while j < map.len() && map[j].0 == map[i].0 + (j - i) as u64 {
+            while j < whole && map[j].0 == map[i].0 + (j - i) as u64 {
                 j += 1;
             }
-            reqs.push((map[i].0 * bs, &buf[i * bs as usize..j * bs as usize]));
+            reqs.push((map[i].0 * bs, i * bs as usize..j * bs as usize));
             i = j;
         }
-        let r = self.dev.write_many(&reqs);
-        drop(reqs);
-        self.wr_bufs.put(buf);
-        r?;
+        if reqs.is_empty() {
+            self.log.data.recycle(buf);
+        } else {
+            let charge = self.budget.charge_no_reclaim(buf.capacity() as u64);
+            self.log.data.submit(d.ino, reqs, buf, Some(charge))?;
+        }
         self.log.note_data_write();
         d.size = d.size.max(wend);
         self.stats.data_bytes_written.fetch_add(wlen as u64, std::sync::atomic::Ordering::Relaxed);
@@ -332,6 +348,9 @@ impl Fs {
         }
         if let Some(p) = self.bmap(d, old / bs)? {
             let mut blk = vec![0u8; bs as usize];
+            // a write of this block still in flight lands first (this one
+            // then comes after it)
+            self.log.data.wait_ranges(&[(p * bs, (p + 1) * bs)])?;
             self.dev.read_at(p * bs, &mut blk)?;
             if blk[(old % bs) as usize..].iter().any(|b| *b != 0) {
                 blk[(old % bs) as usize..].fill(0);

@@ -34,6 +34,7 @@ pub mod mkfs;
 pub mod ops;
 pub mod recovery;
 pub mod rgrp;
+pub mod wb;
 #[doc(hidden)]
 pub mod testutil;
 

@@ -215,42 +215,50 @@ impl Fs {
             debug_assert!(self.glocks.is_granted(LockName::Rgrp(ri)) == Some(Mode::EX));
             let hbuf = self.rgrp_header_buf(&l)?;
             let mut hdr = RgrpHeader::decode(&hbuf.read(), &l, self.fsid)?;
-            let mut touched = Vec::new();
+            // one pass per bitmap block: set its bits, then seal and log it
+            // once (freeing a large file changes thousands of bits a block)
+            let mut by_bitmap: std::collections::BTreeMap<u32, Vec<usize>> = std::collections::BTreeMap::new();
             for b in bl {
                 let rel = b - l.data_start;
-                let bi = (rel / per) as u32;
-                let k = (rel % per) as usize;
+                by_bitmap.entry((rel / per) as u32).or_default().push((rel % per) as usize);
+            }
+            let mut touched = Vec::new();
+            let mut changed_total = 0u64;
+            for (bi, ks) in by_bitmap {
                 let buf = self.bitmap_buf(&l, bi)?;
                 let mut data = buf.write();
-                let old = rgrp::get_bits(&data[BITMAP_DATA_OFFSET..], k);
-                if old == state {
-                    continue;
+                let mut changed = 0u64;
+                for k in ks {
+                    let old = rgrp::get_bits(&data[BITMAP_DATA_OFFSET..], k);
+                    if old == state {
+                        continue;
+                    }
+                    rgrp::set_bits(&mut data[BITMAP_DATA_OFFSET..], k, state);
+                    match old {
+                        BlockState::Free => hdr.free = self.counter_less(hdr.free, 1, "free", &l)?,
+                        BlockState::Dinode => hdr.dinodes = self.counter_less(hdr.dinodes, 1, "dinode", &l)?,
+                        BlockState::Unlinked => hdr.unlinked = self.counter_less(hdr.unlinked, 1, "unlinked", &l)?,
+                        BlockState::Used => {}
+                    }
+                    match state {
+                        BlockState::Free => hdr.free += 1,
+                        BlockState::Dinode => hdr.dinodes += 1,
+                        BlockState::Unlinked => hdr.unlinked += 1,
+                        BlockState::Used => {}
+                    }
+                    changed += 1;
                 }
-                if state == BlockState::Free && old == BlockState::Free {
+                if changed > 0 {
+                    rgrp::seal_bitmap_block(&mut data, &l, bi, self.next_generation(&hdr, &l)?, self.fsid);
                     drop(data);
-                    return Err(self.inconsistent(format!("freeing block {b} which is already free")));
+                    tx.add(&buf);
+                    touched.push(bi);
+                    changed_total += changed;
                 }
-                rgrp::set_bits(&mut data[BITMAP_DATA_OFFSET..], k, state);
-                match old {
-                    BlockState::Free => hdr.free = self.counter_less(hdr.free, 1, "free", &l)?,
-                    BlockState::Dinode => hdr.dinodes = self.counter_less(hdr.dinodes, 1, "dinode", &l)?,
-                    BlockState::Unlinked => hdr.unlinked = self.counter_less(hdr.unlinked, 1, "unlinked", &l)?,
-                    BlockState::Used => {}
-                }
-                match state {
-                    BlockState::Free => hdr.free += 1,
-                    BlockState::Dinode => hdr.dinodes += 1,
-                    BlockState::Unlinked => hdr.unlinked += 1,
-                    BlockState::Used => {}
-                }
-                rgrp::seal_bitmap_block(&mut data, &l, bi, self.next_generation(&hdr, &l)?, self.fsid);
-                drop(data);
-                tx.add(&buf);
-                touched.push(bi);
             }
             if !touched.is_empty() {
                 if state == BlockState::Free {
-                    self.stats.blocks_freed.fetch_add(touched.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    self.stats.blocks_freed.fetch_add(changed_total, std::sync::atomic::Ordering::Relaxed);
                 }
                 self.write_rgrp_header(tx, &l, &hbuf, &mut hdr, &touched)?;
             }

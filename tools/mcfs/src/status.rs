@@ -204,6 +204,11 @@ pub fn render(v: &Value) -> String {
             "    inodes cached {} (unused {})   evict mode {}   deferred now {} (total {}, retries {}, done {})   deallocated {}\n",
             ev["cached_inodes"], ev["unused_inodes"], ev["evict_mode"].as_str().unwrap_or(""), ev["deferred_now"], ev["deferred_total"], ev["dealloc_retries"], ev["deferred_completed"], st["ops"]["inodes_deallocated"]
         );
+        let lg = &st["log"];
+        s += &format!(
+            "    journal {}/{} blocks used, {} flushes   file data written behind {} (in flight {}, waited {})\n",
+            lg["used_blocks"], lg["blocks"], lg["flushes"], lg["data"]["writes_behind"], mib(&lg["data"]["inflight_bytes"]), lg["data"]["writes_waited"]
+        );
         if let Some(b) = ev["reclaim_blocked_on"].as_str() {
             s += &format!("    RECLAIM BLOCKED on {b}\n");
         }
