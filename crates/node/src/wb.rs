@@ -58,7 +58,8 @@ struct Tail {
     off: u64,
     /// the whole block image
     buf: AlignedBuf,
-    _charge: Option<Charge>,
+    /// its budget charge, handed on to the job that writes it
+    charge: Option<Charge>,
 }
 
 struct Job {
@@ -122,9 +123,17 @@ impl WriteBehind {
     /// through). `withdrawn` is the node's flag: no write starts once it is set.
     pub fn new(dev: Arc<dyn BlockDevice>, cap: usize, withdrawn: Arc<AtomicBool>) -> Arc<WriteBehind> {
         let wb = Arc::new(WriteBehind { dev, withdrawn, cap, spare: SpareBufs::new(SPARE, SPARE_MAX), st: Mutex::new(State::default()), cv: Condvar::new() });
+        let mut started = 0;
         for i in 0..WORKERS {
             let w = Arc::downgrade(&wb);
-            let _ = std::thread::Builder::new().name(format!("data-wb-{i}")).spawn(move || worker(w));
+            if std::thread::Builder::new().name(format!("data-wb-{i}")).spawn(move || worker(w)).is_ok() {
+                started += 1;
+            }
+        }
+        if started == 0 {
+            // nothing would ever write the queue: fail every write instead
+            tracing::error!("could not start a file data writer thread");
+            wb.lock().error = Some("no file data writer thread could be started".into());
         }
         wb
     }
@@ -206,7 +215,7 @@ impl WriteBehind {
         for ino in picked {
             let Some(t) = st.tails.remove(&ino) else { continue };
             let len = t.buf.len();
-            let (g, r) = self.enqueue(st, ino, vec![(t.off, 0..len)], t.buf, t._charge);
+            let (g, r) = self.enqueue(st, ino, vec![(t.off, 0..len)], t.buf, t.charge);
             st = g;
             if r.is_err() {
                 return (st, r);
@@ -231,7 +240,7 @@ impl WriteBehind {
             let (_st, r) = self.enqueue(st, ino, vec![(off, 0..len)], block, charge);
             return r;
         }
-        st.tails.insert(ino, Tail { off, buf: block, _charge: charge });
+        st.tails.insert(ino, Tail { off, buf: block, charge });
         Ok(())
     }
 
