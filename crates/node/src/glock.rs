@@ -253,6 +253,13 @@ struct GlState {
     demotes: u64,
 }
 
+impl GlState {
+    /// Does a local holder have it now (shared or exclusive)?
+    fn held(&self) -> bool {
+        self.holder_ex || self.holders_sh > 0
+    }
+}
+
 pub struct Glock {
     pub name: LockName,
     st: Mutex<GlState>,
@@ -297,7 +304,7 @@ impl Drop for Holder {
             } else {
                 st.holders_sh = st.holders_sh.saturating_sub(1);
             }
-            let idle = !st.holder_ex && st.holders_sh == 0;
+            let idle = !st.held();
             if idle {
                 st.last_used = Some(Instant::now());
             }
@@ -592,7 +599,7 @@ impl GlockTable {
             let (queue, in_memory) = {
                 let mut st = gl.lock_st();
                 let ours = st.granted.is_some_and(|g| g.0 == lock_id);
-                let in_memory = st.holders_sh > 0 || st.holder_ex;
+                let in_memory = st.held();
                 let demotable = ours && (!in_memory || st.granted.is_some_and(|g| g.1 == Mode::EX));
                 if demotable {
                     st.demote = Some(st.demote.map_or(mode, |d| d.max(mode)));
@@ -629,7 +636,7 @@ impl GlockTable {
             st.demote = Some(m);
             st.demote_since.get_or_insert_with(Instant::now);
             gl.cv.notify_all();
-            !st.busy && !st.holder_ex && st.holders_sh == 0
+            !st.busy && !st.held()
         };
         if idle {
             self.queue_demote(name);
@@ -720,7 +727,7 @@ impl GlockTable {
                 st.demote = None;
             }
         }
-        let idle = !st.holder_ex && st.holders_sh == 0;
+        let idle = !st.held();
         gl.cv.notify_all();
         drop(st);
         if requeue && idle {
@@ -742,7 +749,7 @@ impl GlockTable {
         let gl = self.get(name);
         let id = {
             let mut st = gl.lock_st();
-            if st.busy || st.holder_ex || st.holders_sh > 0 {
+            if st.busy || st.held() {
                 return;
             }
             let Some((id, _)) = st.granted.take() else { return };
@@ -806,7 +813,7 @@ impl GlockTable {
                     return true;
                 }
                 let st = gl.lock_st();
-                st.granted.is_some() || st.busy || st.waiters > 0 || st.demote.is_some() || st.holder_ex || st.holders_sh > 0
+                st.granted.is_some() || st.busy || st.waiters > 0 || st.demote.is_some() || st.held()
             });
             if max == usize::MAX {
                 return 0;
@@ -820,7 +827,7 @@ impl GlockTable {
                     continue;
                 }
                 granted += 1;
-                let idle = !st.busy && !st.holder_ex && st.holders_sh == 0 && st.waiters == 0 && st.demote.is_none();
+                let idle = !st.busy && !st.held() && st.waiters == 0 && st.demote.is_none();
                 let held_long_enough = st.acquired_at.is_none_or(|t| t.elapsed() >= self.min_hold);
                 if idle && held_long_enough {
                     victims.push((st.last_used.or(st.acquired_at).unwrap_or_else(Instant::now), gl.name));
@@ -837,7 +844,7 @@ impl GlockTable {
             let gl = self.get(name);
             {
                 let mut st = gl.lock_st();
-                if st.busy || st.holder_ex || st.holders_sh > 0 || st.granted.is_none() || st.demote.is_some() {
+                if st.busy || st.held() || st.granted.is_none() || st.demote.is_some() {
                     continue;
                 }
                 st.demote = Some(Mode::EX);
@@ -868,7 +875,7 @@ impl GlockTable {
                 Some(_) => c.shared += 1,
                 None => c.unlocked += 1,
             }
-            if st.holder_ex || st.holders_sh > 0 {
+            if st.held() {
                 c.with_holders += 1;
             }
             if st.demote.is_some() {
