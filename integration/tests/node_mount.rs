@@ -182,6 +182,56 @@ fn kernel_caches_follow_the_glocks(node1_args: &[&str], policy: &str) {
 /// A node gives up idle inode glocks beyond `max_glocks` (GFS2's glock
 /// shrinker): without it every file it ever created, even deleted ones, kept
 /// a lock on the lock server until another node asked for it.
+/// File data is written behind (docs/RECOVERY.md, "Ordered data"): a write
+/// returns before its data is on the device, and the block a write ends
+/// inside stays in node 1's memory until the next write finishes it or
+/// something waits for it. Neither may show. After every write on node 1,
+/// node 1 reads the whole file back (the read must wait for the file's
+/// writes), then node 2 does (taking the glock from node 1, which must first
+/// write everything out). The writes come from
+/// a buffer that starts 16 bytes into a page, in odd sizes, so the kernel
+/// splits them and most end inside a block.
+#[test]
+fn data_written_behind_is_seen_at_once_on_both_nodes() {
+    use std::io::{Seek, SeekFrom};
+    let tc = TestCluster::start(2).unwrap();
+    let (m1, m2) = (tc.mnt(1), tc.mnt(2));
+    let mut f = fs::OpenOptions::new().create(true).write(true).truncate(true).open(m1.join("wb")).unwrap();
+    let mut backing = vec![0u8; (3 << 20) + 8192];
+    let skew = (4096 - backing.as_ptr() as usize % 4096) % 4096 + 16;
+    let mut expect: Vec<u8> = Vec::new();
+    let check = |what: &str, expect: &[u8]| {
+        for (node, m) in [(1, &m1), (2, &m2)] {
+            let got = fs::read(m.join("wb")).unwrap();
+            assert_eq!(got.len(), expect.len(), "{what}: size on node {node}");
+            if let Some(i) = got.iter().zip(expect).position(|(a, b)| a != b) {
+                panic!("{what}: node {node} reads {} at offset {i}, wrote {}", got[i], expect[i]);
+            }
+        }
+    };
+    let sizes = [1usize << 20, 16, 5000, 3, 4093, (1 << 20) + 7, 1, 12288, 700_000];
+    for (k, &n) in sizes.iter().enumerate() {
+        let chunk: Vec<u8> = (0..n).map(|i| ((i * 7 + k * 13) % 251) as u8).collect();
+        backing[skew..skew + n].copy_from_slice(&chunk);
+        f.write_all(&backing[skew..skew + n]).unwrap();
+        expect.extend_from_slice(&chunk);
+        check(&format!("after append {k} of {n} bytes"), &expect);
+    }
+    // overwrites inside blocks, the last one in the file's last block
+    for (at, n) in [(5000u64, 10usize), (1 << 20, 4097), (expect.len() as u64 - 5, 5)] {
+        let chunk: Vec<u8> = (0..n).map(|i| (i % 13) as u8 + 200).collect();
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(&chunk).unwrap();
+        expect[at as usize..at as usize + n].copy_from_slice(&chunk);
+        check(&format!("after overwriting {n} bytes at {at}"), &expect);
+    }
+    drop(f);
+    let st = mcfs_integration::seed::node_status(&tc, 1);
+    assert!(st["log"]["data"]["writes_behind"].as_u64().unwrap_or(0) >= sizes.len() as u64, "{}", st["log"]);
+    tc.c.stop(1).unwrap();
+    tc.c.stop(2).unwrap();
+}
+
 #[test]
 fn idle_inode_glocks_are_trimmed_to_max_glocks() {
     let (dir, mut o) = TestCluster::options(1);
