@@ -343,7 +343,7 @@ impl Fs {
     /// they are past the end of file.
     pub fn zero_tail(&self, d: &Dinode, old: u64) -> Result<()> {
         let bs = self.bs as u64;
-        if d.is_inline() || old % bs == 0 {
+        if d.is_inline() || old.is_multiple_of(bs) {
             return Ok(());
         }
         if let Some(p) = self.bmap(d, old / bs)? {

@@ -232,9 +232,7 @@ impl WriteBehind {
         let st = self.lock();
         let (mut st, r) = self.queue_held(st, |i, t| i == ino && t.off != off);
         r?;
-        if let Err(e) = Self::failed(&st) {
-            return Err(e);
-        }
+        Self::failed(&st)?;
         if st.tails.len() >= MAX_TAILS && !st.tails.contains_key(&ino) {
             let len = block.len();
             let (_st, r) = self.enqueue(st, ino, vec![(off, 0..len)], block, charge);
