@@ -48,6 +48,9 @@ const BATCH_BYTES: usize = 4 << 20;
 /// Spare buffers kept for the next writes, and the largest kept.
 const SPARE: usize = 4;
 const SPARE_MAX: usize = 2 << 20;
+/// The longest write a buffer in 4 KiB pages goes out in as one device
+/// request (a loop device takes 128 segments a request).
+const SMALL_PAGE_REQUEST_MAX: usize = 512 << 10;
 /// Held-back last blocks, at most (one per file): past it a write's partial
 /// last block is queued at once.
 pub const MAX_TAILS: usize = 64;
@@ -60,6 +63,13 @@ struct Tail {
     buf: AlignedBuf,
     /// its budget charge, handed on to the job that writes it
     charge: Option<Charge>,
+}
+
+impl Tail {
+    /// The device bytes it covers.
+    fn range(&self) -> [(u64, u64); 1] {
+        [(self.off, self.off + self.buf.len() as u64)]
+    }
 }
 
 struct Job {
@@ -149,12 +159,14 @@ impl WriteBehind {
         }
     }
 
-    /// An aligned buffer of `len` bytes (contents unspecified): a spare, or
-    /// at least a huge page (see [`mcfs_blockdev::HUGE`]) so that a 1 MiB
-    /// write goes to the device as one request.
+    /// An aligned buffer of `len` bytes (contents unspecified): a spare, or a
+    /// new one; one longer than small pages carry in a single device request
+    /// is at least a huge page (see [`mcfs_blockdev::HUGE`]), so that a 1 MiB
+    /// write goes to the device as one request. A short write does not pay
+    /// for (or charge) a huge page.
     pub fn take_buf(&self, len: usize) -> AlignedBuf {
         self.spare.take(len).unwrap_or_else(|| {
-            let mut b = AlignedBuf::new(len.max(mcfs_blockdev::HUGE));
+            let mut b = AlignedBuf::new(if len > SMALL_PAGE_REQUEST_MAX { len.max(mcfs_blockdev::HUGE) } else { len });
             b.truncate(len);
             b
         })
@@ -171,7 +183,7 @@ impl WriteBehind {
     pub fn submit(&self, ino: u64, reqs: Vec<(u64, Range<usize>)>, buf: AlignedBuf, charge: Option<Charge>) -> Result<()> {
         let st = self.lock();
         let ranges: Vec<(u64, u64)> = reqs.iter().map(|(o, r)| (*o, *o + r.len() as u64)).collect();
-        let (st, r) = self.queue_held(st, |_, t| overlaps(&[(t.off, t.off + t.buf.len() as u64)], &ranges));
+        let (st, r) = self.queue_held(st, |_, t| overlaps(&t.range(), &ranges));
         r?;
         let (_st, r) = self.enqueue(st, ino, reqs, buf, charge);
         r
@@ -276,7 +288,7 @@ impl WriteBehind {
     /// Until no write (queued or held back) touches the device byte ranges
     /// `ranges`.
     pub fn wait_ranges(&self, ranges: &[(u64, u64)]) -> Result<()> {
-        self.wait_for(|_, t| overlaps(&[(t.off, t.off + t.buf.len() as u64)], ranges), |f| overlaps(&f.ranges, ranges))
+        self.wait_for(|_, t| overlaps(&t.range(), ranges), |f| overlaps(&f.ranges, ranges))
     }
 
     /// Until every write queued or held back so far has landed.
