@@ -1023,7 +1023,7 @@ impl Fs {
                     }
                     _ => {
                         if ra.epoch == epoch {
-                            ra.inflight.retain(|&(o, _)| o != at);
+                            ra.unclaim(at);
                         }
                         false
                     }

@@ -81,9 +81,14 @@ impl Readahead {
     /// A window read by a background thread lands: kept in file order (two
     /// threads may finish out of order).
     pub fn land(&mut self, at: u64, data: Arc<mcfs_blockdev::AlignedBuf>, charge: Option<Charge>) {
-        self.inflight.retain(|&(o, _)| o != at);
+        self.unclaim(at);
         let pos = self.ready.iter().position(|(o, _, _)| *o > at).unwrap_or(self.ready.len());
         self.ready.insert(pos, (at, data, charge));
+    }
+
+    /// The window at `at` is no longer being read (landed, or given up).
+    pub fn unclaim(&mut self, at: u64) {
+        self.inflight.retain(|&(o, _)| o != at);
     }
 
     /// Forget everything read ahead (an invalidation).
