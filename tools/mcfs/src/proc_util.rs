@@ -3,12 +3,25 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// Is `pid` a live process (not a zombie)?
+/// Is `pid` a live process? Not once every one of its threads has exited: a
+/// process whose main thread is already a zombie while other threads are
+/// still being torn down (an io_uring ring cancelling its work, say) is still
+/// alive, and still a member of its cgroup.
 pub fn alive(pid: u32) -> bool {
     if pid == 0 {
         return false;
     }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+    if task_alive(&format!("/proc/{pid}/stat")) {
+        return true;
+    }
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.flatten().any(|t| task_alive(&format!("{}/stat", t.path().display()))))
+        .unwrap_or(false)
+}
+
+/// Does the `stat` file at `path` show a task that has not exited?
+fn task_alive(path: &str) -> bool {
+    match std::fs::read_to_string(path) {
         Ok(s) => {
             // state is the field after the parenthesised command name
             let state = s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
@@ -71,5 +84,27 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
             return None;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zombie_is_not_alive_and_a_running_process_is() {
+        assert!(alive(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // exited but not reaped: a zombie whose only thread is gone
+        let t = Instant::now();
+        while alive(pid) {
+            assert!(t.elapsed() < Duration::from_secs(10), "`true` did not exit");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(std::fs::metadata(format!("/proc/{pid}")).is_ok(), "still a zombie, not reaped");
+        child.wait().unwrap();
+        assert!(!alive(pid));
+        assert!(!alive(0));
     }
 }
