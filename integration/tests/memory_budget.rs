@@ -19,13 +19,20 @@
 //! (`release_references`); reclaim gives freed heap back (`malloc_trim`, two
 //! malloc arenas); and the read-ahead thread no longer charges the budget
 //! while holding the inode's read-ahead mutex (reclaim took it again: a
-//! self-deadlock that hung two runs in three).
+//! self-deadlock that hung two runs in three). Later (2026-11-27, after
+//! read-ahead moved to 4 MiB windows in huge pages, two streams a file): the
+//! 128 MiB run peaked 28 MiB over baseline + budget and the budget's own peak
+//! 6 MiB over its limit. Read-ahead windows in flight and spare buffers were
+//! not charged, a file read to its end kept its last window, and two streams
+//! charging at once each added 4 MiB to a full budget. Windows are now charged
+//! before they are read and leave with the read that reaches their end,
+//! spares are charged, and a charge reclaims before it counts.
 //!
 //! `OVERHEAD` is what the budget does not count: FUSE request buffers of the
 //! worker threads, O_DIRECT bounce buffers of reads in flight, the allocator's
 //! per-thread arenas and fragmentation. Measured peaks beyond baseline+budget
-//! are printed: 11–21 MiB over baseline + budget at 16 MiB (and 0–2 MiB at
-//! 128 MiB) in the runs of 2026-11-26; the constant leaves half as much again.
+//! are printed: 6–15 MiB over baseline + budget at 16 MiB (and none at
+//! 128 MiB) in the runs of 2026-11-27; the constant leaves twice as much.
 
 #![allow(clippy::unwrap_used)]
 

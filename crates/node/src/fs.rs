@@ -217,7 +217,7 @@ impl Fs {
         let log = Log::new(dev.clone(), bs, fsid, opts.node_id, pos, budget.clone(), withdrawn.clone());
         let evict = opts.evict;
         let fs = Arc::new_cyclic(|me| Fs {
-            ra_bufs: crate::inode::SpareBufs::new(2, usize::MAX),
+            ra_bufs: crate::inode::SpareBufs::new(2, usize::MAX, Some(budget.clone())),
             dev,
             sb,
             geo,

@@ -14,6 +14,7 @@ use crate::buf::Buf;
 use crate::error::{FsError, Result};
 use crate::fs::Fs;
 use crate::glock::LockName;
+use crate::icache::budget::{Budget, Charge};
 use crate::log::Tx;
 use crate::rgrp::Reservation;
 
@@ -49,32 +50,58 @@ const READ_CHUNK: u64 = 1 << 20;
 /// A few page-aligned file data buffers kept for reuse (read-ahead windows,
 /// data writes): a streaming reader or writer reuses them instead of mapping,
 /// zeroing and unmapping fresh memory each time.
+///
+/// A spare is memory the daemon holds, so it is charged to the budget while
+/// it waits here, the spares of one pool together take at most a sixteenth
+/// of the budget, and reclaim lets them all go ([`SpareBufs::clear`]).
 pub(crate) struct SpareBufs {
-    bufs: std::sync::Mutex<Vec<mcfs_blockdev::AlignedBuf>>,
+    bufs: std::sync::Mutex<Vec<(mcfs_blockdev::AlignedBuf, Option<Charge>)>>,
     keep: usize,
     max_capacity: usize,
+    budget: Option<Arc<Budget>>,
 }
 
 impl SpareBufs {
-    /// Keep at most `keep` buffers, none larger than `max_capacity`.
-    pub(crate) fn new(keep: usize, max_capacity: usize) -> SpareBufs {
-        SpareBufs { bufs: std::sync::Mutex::new(Vec::new()), keep, max_capacity }
+    /// Keep at most `keep` buffers, none larger than `max_capacity`, charged
+    /// to `budget` (uncharged and unbounded in bytes without one).
+    pub(crate) fn new(keep: usize, max_capacity: usize, budget: Option<Arc<Budget>>) -> SpareBufs {
+        SpareBufs { bufs: std::sync::Mutex::new(Vec::new()), keep, max_capacity, budget }
     }
 
     /// A spare of `len` bytes (old contents), if the one on top is big enough
-    /// (one that is not is let go).
+    /// (one that is not is let go). It is no longer charged: the caller
+    /// charges what it keeps.
     pub(crate) fn take(&self, len: usize) -> Option<mcfs_blockdev::AlignedBuf> {
-        let mut b = self.bufs.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
+        let (mut b, _charge) = self.bufs.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
         b.set_len_within_capacity(len).then_some(b)
     }
 
     pub(crate) fn put(&self, b: mcfs_blockdev::AlignedBuf) {
-        if b.capacity() <= self.max_capacity {
-            let mut v = self.bufs.lock().unwrap_or_else(|p| p.into_inner());
-            if v.len() < self.keep {
-                v.push(b);
-            }
+        if b.capacity() > self.max_capacity {
+            return;
         }
+        let mut v = self.bufs.lock().unwrap_or_else(|p| p.into_inner());
+        if v.len() >= self.keep {
+            return;
+        }
+        let charge = match &self.budget {
+            Some(budget) => {
+                let held: usize = v.iter().map(|(b, _)| b.capacity()).sum();
+                if (held + b.capacity()) as u64 > budget.limit() / 16 {
+                    return;
+                }
+                // never reclaims here: a writer thread or a reader puts back
+                Some(budget.charge_no_reclaim(b.capacity() as u64))
+            }
+            None => None,
+        };
+        v.push((b, charge));
+    }
+
+    /// Let every spare go (reclaim); returns the bytes freed.
+    pub(crate) fn clear(&self) -> u64 {
+        let gone = std::mem::take(&mut *self.bufs.lock().unwrap_or_else(|p| p.into_inner()));
+        gone.iter().map(|(b, _)| b.capacity() as u64).sum()
     }
 }
 
@@ -413,5 +440,26 @@ impl Fs {
         let _ = bs;
         d.size = size;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spare_buffers_are_charged_bounded_and_let_go() {
+        let budget = Budget::new(16 << 20); // spares: at most 1 MiB
+        let spares = SpareBufs::new(4, usize::MAX, Some(budget.clone()));
+        spares.put(mcfs_blockdev::AlignedBuf::new(512 << 10));
+        assert_eq!(budget.used(), 512 << 10, "a spare is memory held");
+        spares.put(mcfs_blockdev::AlignedBuf::new(512 << 10));
+        spares.put(mcfs_blockdev::AlignedBuf::new(512 << 10));
+        assert_eq!(budget.used(), 1 << 20, "past a sixteenth of the budget a spare is let go");
+        let b = spares.take(4096).unwrap();
+        assert_eq!((b.len(), budget.used()), (4096, 512 << 10), "a spare taken is the taker's to charge");
+        assert_eq!(spares.clear(), 512 << 10);
+        assert_eq!(budget.used(), 0);
+        assert!(spares.take(4096).is_none());
     }
 }

@@ -171,7 +171,7 @@ fn now_ns() -> u64 {
 impl Log {
     pub fn new(dev: Arc<dyn BlockDevice>, bs: usize, fsid: u32, node_id: u32, pos: JournalPos, budget: Arc<Budget>, withdrawn: Arc<AtomicBool>) -> Log {
         Log {
-            data: crate::wb::WriteBehind::new(dev.clone(), DATA_INFLIGHT_MAX.min(budget.limit() / 16).max(1 << 20) as usize, withdrawn.clone()),
+            data: crate::wb::WriteBehind::new(dev.clone(), DATA_INFLIGHT_MAX.min(budget.limit() / 16).max(1 << 20) as usize, withdrawn.clone(), Some(budget.clone())),
             dev,
             bs,
             fsid,

@@ -924,11 +924,19 @@ impl Fs {
             }
             // windows wholly before this read are consumed
             while ra.ready.front().is_some_and(|(ro, data, _)| ro + data.len() as u64 <= off) {
-                if let Some((_, data, _)) = ra.ready.pop_front() {
+                if let Some((_, data, charge)) = ra.ready.pop_front() {
+                    drop(charge);
                     self.recycle_window(data);
                 }
             }
-            let hit = ra.ready.iter().find(|(ro, data, _)| covers(*ro, data.len() as u64)).map(|(ro, data, _)| (data.clone(), (off - ro) as usize));
+            let at = ra.ready.iter().position(|(ro, data, _)| covers(*ro, data.len() as u64));
+            let hit = match at {
+                // a read to the window's end is its last (the reader moves
+                // on, or the file ends here): it leaves with this read
+                Some(i) if ra.ready[i].0 + ra.ready[i].1.len() as u64 == end => ra.ready.remove(i).map(|(ro, data, charge)| (data, (off - ro) as usize, Some(charge))),
+                Some(i) => Some((ra.ready[i].1.clone(), (off - ra.ready[i].0) as usize, None)),
+                None => None,
+            };
             (hit, sequential)
         };
         // start the next window before copying this one out
@@ -937,7 +945,14 @@ impl Fs {
         }
         let len = (end - off) as usize;
         Ok(match hit {
-            Some((data, s)) => f(&data[s..s + len]),
+            Some((data, s, last)) => {
+                let r = f(&data[s..s + len]);
+                if let Some(charge) = last {
+                    drop(charge);
+                    self.recycle_window(data);
+                }
+                r
+            }
             None => {
                 let (buf, s, len) = self.read_blocks(d, off, size)?;
                 f(&buf[s..s + len])
@@ -994,6 +1009,11 @@ impl Fs {
                     ra.inflight.push((at, window));
                     (at, ra.epoch)
                 };
+                // The window is charged before it is read (memory in flight
+                // is memory held), and before `ra` is taken again: the charge
+                // may reclaim, and reclaim drops this inode's read-ahead
+                // (taking `ra`).
+                let charge = fs.budget.charge(window);
                 // only while the glock is cached here: never a lock request
                 let data = fs.glocks.try_acquire(LockName::Inode(inode.ino), Mode::PR).ok().and_then(|h| {
                     let r = fs.dinode(inode.ino).ok().and_then(|(_, d)| {
@@ -1008,12 +1028,7 @@ impl Fs {
                     drop(h);
                     r
                 });
-                // Charge before taking `ra`: the charge may reclaim, and
-                // reclaim drops this inode's read-ahead (taking `ra`).
-                let data = data.filter(|v| !v.is_empty()).map(|v| {
-                    let charge = fs.budget.charge(v.len() as u64);
-                    (v, charge)
-                });
+                let data = data.filter(|v| !v.is_empty()).map(|v| (v, charge));
                 let mut ra = inode.ra.lock().unwrap_or_else(|p| p.into_inner());
                 let go_on = match data {
                     Some((v, charge)) if ra.epoch == epoch => {

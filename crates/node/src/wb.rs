@@ -38,7 +38,7 @@ use std::time::Duration;
 use mcfs_blockdev::{AlignedBuf, BlockDevice};
 
 use crate::error::{FsError, Result};
-use crate::icache::budget::Charge;
+use crate::icache::budget::{Budget, Charge};
 use crate::inode::SpareBufs;
 
 /// Writer threads: one writes while the other collects the next batch.
@@ -131,8 +131,8 @@ fn overlaps(a: &[(u64, u64)], b: &[(u64, u64)]) -> bool {
 impl WriteBehind {
     /// At most `cap` bytes in flight (at least one write is always let
     /// through). `withdrawn` is the node's flag: no write starts once it is set.
-    pub fn new(dev: Arc<dyn BlockDevice>, cap: usize, withdrawn: Arc<AtomicBool>) -> Arc<WriteBehind> {
-        let wb = Arc::new(WriteBehind { dev, withdrawn, cap, spare: SpareBufs::new(SPARE, SPARE_MAX), st: Mutex::new(State::default()), cv: Condvar::new() });
+    pub fn new(dev: Arc<dyn BlockDevice>, cap: usize, withdrawn: Arc<AtomicBool>, budget: Option<Arc<Budget>>) -> Arc<WriteBehind> {
+        let wb = Arc::new(WriteBehind { dev, withdrawn, cap, spare: SpareBufs::new(SPARE, SPARE_MAX, budget), st: Mutex::new(State::default()), cv: Condvar::new() });
         let mut started = 0;
         for i in 0..WORKERS {
             let w = Arc::downgrade(&wb);
@@ -170,6 +170,11 @@ impl WriteBehind {
             b.truncate(len);
             b
         })
+    }
+
+    /// Let the spare buffers go (reclaim); returns the bytes freed.
+    pub fn drop_spares(&self) -> u64 {
+        self.spare.clear()
     }
 
     /// A buffer from [`WriteBehind::take_buf`] that was not queued after all.
@@ -378,7 +383,7 @@ mod tests {
     #[test]
     fn writes_land_and_waits_see_them() {
         let dev = Arc::new(MemDevice::new(1 << 20, 512));
-        let wb = WriteBehind::new(dev.clone(), 64 << 10, Arc::new(AtomicBool::new(false)));
+        let wb = WriteBehind::new(dev.clone(), 64 << 10, Arc::new(AtomicBool::new(false)), None);
         for i in 0..64u64 {
             let mut b = wb.take_buf(4096);
             b.fill(i as u8);
@@ -401,7 +406,7 @@ mod tests {
     #[test]
     fn a_failed_write_fails_every_later_wait() {
         let dev = Arc::new(MemDevice::new(1 << 20, 512));
-        let wb = WriteBehind::new(dev, 1 << 20, Arc::new(AtomicBool::new(false)));
+        let wb = WriteBehind::new(dev, 1 << 20, Arc::new(AtomicBool::new(false)), None);
         let b = wb.take_buf(4096);
         // past the end of the device: the writer's write_many fails
         wb.submit(1, vec![(1 << 20, 0..4096)], b, None).unwrap();
@@ -415,7 +420,7 @@ mod tests {
     fn a_withdrawn_node_starts_no_write() {
         let dev = Arc::new(MemDevice::new(1 << 20, 512));
         let withdrawn = Arc::new(AtomicBool::new(false));
-        let wb = WriteBehind::new(dev.clone(), 1 << 20, withdrawn.clone());
+        let wb = WriteBehind::new(dev.clone(), 1 << 20, withdrawn.clone(), None);
         withdrawn.store(true, Ordering::SeqCst);
         let mut b = wb.take_buf(4096);
         b.fill(7);
@@ -428,7 +433,7 @@ mod tests {
     #[test]
     fn held_back_blocks_are_taken_or_written_by_every_wait() {
         let dev = Arc::new(MemDevice::new(1 << 20, 512));
-        let wb = WriteBehind::new(dev.clone(), 1 << 20, Arc::new(AtomicBool::new(false)));
+        let wb = WriteBehind::new(dev.clone(), 1 << 20, Arc::new(AtomicBool::new(false)), None);
         let block = |v: u8| {
             let mut b = AlignedBuf::new(4096);
             b.fill(v);

@@ -1,11 +1,14 @@
-//! The node's memory budget. Inodes, metadata buffers, cached file data, journal
-//! images and replay buffers are charged to it through [`Charge`] guards (RAII:
-//! dropping the thing uncharges it), so "usage" is what the daemon really holds.
+//! The node's memory budget. Inodes, metadata buffers, cached file data,
+//! read-ahead windows (from the moment they are read), file data being
+//! written behind, spare data buffers, journal images and replay buffers are
+//! charged to it through [`Charge`] guards (RAII: dropping the thing uncharges
+//! it), so "usage" is what the daemon really holds.
 //!
-//! * Direct reclaim: a charge that takes usage over the limit reclaims first, in
-//!   the allocating thread, in the no-sleep context (it can never wait for a
-//!   cluster lock; see `glock::ReclaimScope`). Charges never wait: a thread inside a
-//!   transaction must not, and overshooting a little beats deadlocking.
+//! * Direct reclaim: a charge that would take usage over the limit reclaims
+//!   first, before it counts, in the allocating thread, in the no-sleep
+//!   context (it can never wait for a cluster lock; see `glock::ReclaimScope`).
+//!   Charges never wait: a thread inside a transaction must not, and
+//!   overshooting a little beats deadlocking.
 //! * Waiting for memory happens only at throttle points outside transactions
 //!   (the start of each filesystem request, each journal-replay read), which wait
 //!   for the background reclaimer to bring usage below the limit; every wait is
@@ -138,22 +141,24 @@ impl Budget {
         self.reclaimer.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|w| w.upgrade())
     }
 
-    /// Charge `bytes`. Over the limit, reclaim in this thread first (never waits
-    /// for a cluster lock in nonblocking mode). Always succeeds.
+    /// Charge `bytes`. A charge that would take usage over the limit reclaims
+    /// in this thread first, before it counts (never waiting for a cluster
+    /// lock in nonblocking mode), so that threads charging at once do not
+    /// each add theirs on top of a full budget. Always succeeds.
     pub fn charge(self: &Arc<Self>, bytes: u64) -> Charge {
-        let now = self.used.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        self.peak.fetch_max(now, Ordering::Relaxed);
-        let limit = self.limit();
-        if now > limit && !in_reclaim() {
+        let would = self.used() + bytes;
+        if would > self.limit() && !in_reclaim() {
             let t = Instant::now();
             if let Some(r) = self.reclaimer() {
                 self.direct.fetch_add(1, Ordering::Relaxed);
                 let scope = ReclaimScope::enter();
-                let want = now - self.low_watermark().min(now);
+                let want = would - self.low_watermark().min(would);
                 r.reclaim(want.max(bytes), &scope);
             }
             self.record_wait(t.elapsed());
         }
+        let now = self.used.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
         if now > self.low_watermark() {
             self.kick();
         }
@@ -372,6 +377,24 @@ mod tests {
         assert!(f.saw_reclaim.load(Ordering::Relaxed));
         assert!(b.used() <= 4 << 20, "used {}", b.used());
         assert!(b.stats().direct_reclaims > 0);
+    }
+
+    #[test]
+    fn a_charge_reclaims_before_it_counts() {
+        let b = Budget::new(4 << 20);
+        let f = Arc::new(Freer { held: Mutex::new(Vec::new()), calls: 0.into(), saw_reclaim: false.into() });
+        let fr: Arc<dyn Reclaimer> = f.clone();
+        b.set_reclaimer(Arc::downgrade(&fr));
+        for _ in 0..4 {
+            let c = b.charge(1 << 20);
+            f.held.lock().unwrap().push(c);
+        }
+        assert_eq!(b.used(), 4 << 20);
+        // a full budget: the next charge makes room first, so usage never
+        // went past the limit
+        let _c = b.charge(1 << 20);
+        assert!(b.stats().peak <= 4 << 20, "peak {}", b.stats().peak);
+        assert_eq!(f.calls.load(Ordering::Relaxed), 1);
     }
 
     #[test]

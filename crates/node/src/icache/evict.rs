@@ -636,7 +636,12 @@ impl Reclaimer for Fs {
                 self.icache.bump(|s| s.data_blocks_dropped += n);
             }
         }
-        // 3. clean metadata buffers nobody is using
+        // 3. spare data buffers kept for reuse, then clean metadata
+        // buffers nobody is using
+        if freed(self) < want {
+            self.ra_bufs.clear();
+            self.log.data.drop_spares();
+        }
         if freed(self) < want {
             self.bufs.shrink(want - freed(self).min(want));
         }
