@@ -23,6 +23,22 @@ pub const DEFAULT_ALIGN: usize = 4096;
 /// it is cheaper too.
 pub const HUGE: usize = 2 << 20;
 
+/// The kernel's transparent-huge-page mode (`always`, `madvise` or `never`),
+/// read from sysfs; `None` if the kernel has no THP. Under `never`, buffers of
+/// [`HUGE`] bytes and more still work but sit in 4 KiB pages, so a direct
+/// read or write of a megabyte goes to a loop device in 512 KiB pieces.
+pub fn huge_page_mode() -> Option<String> {
+    let s = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").ok()?;
+    selected_mode(&s).map(str::to_string)
+}
+
+/// The bracketed word of a sysfs choice list: `always [madvise] never` → `madvise`.
+fn selected_mode(s: &str) -> Option<&str> {
+    let a = s.find('[')?;
+    let b = a + s[a..].find(']')?;
+    Some(&s[a + 1..b])
+}
+
 /// A heap buffer whose start is aligned (to [`DEFAULT_ALIGN`] unless asked otherwise).
 /// Owns its memory; `Send + Sync` like a `Vec<u8>`.
 pub struct AlignedBuf {
@@ -320,6 +336,15 @@ impl fmt::Debug for BufPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_page_mode_is_the_bracketed_choice() {
+        assert_eq!(selected_mode("always [madvise] never\n"), Some("madvise"));
+        assert_eq!(selected_mode("always madvise [never]\n"), Some("never"));
+        assert_eq!(selected_mode("[always] madvise never"), Some("always"));
+        assert_eq!(selected_mode("always madvise never"), None);
+        assert_eq!(selected_mode("[broken"), None);
+    }
 
     #[test]
     fn alignment_and_zeroing() {

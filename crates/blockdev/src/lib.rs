@@ -24,7 +24,7 @@ mod probe;
 mod recording;
 mod uring;
 
-pub use buf::{AlignedBuf, BufPool, DEFAULT_ALIGN, HUGE};
+pub use buf::{huge_page_mode, AlignedBuf, BufPool, DEFAULT_ALIGN, HUGE};
 pub use error::{Error, IoOp};
 pub use file::FileDevice;
 pub use mem::MemDevice;

@@ -282,6 +282,9 @@ fn run(cfg: Config) -> Result<(), String> {
         rt.spawn(mcfs_dlm::net::metrics::serve(l, std::sync::Arc::new(move || fsm.metrics_text())));
     }
     tracing::info!(mountpoint = %cfg.mountpoint.display(), device = %cfg.device.display(), admin = %admin_addr, budget, evict = cfg.evict.as_str(), "serving");
+    if mcfs_blockdev::huge_page_mode().as_deref() == Some("never") {
+        tracing::warn!("transparent huge pages are off (/sys/kernel/mm/transparent_hugepage/enabled is never): large file reads and writes go to the device in smaller requests and run slower (docs/CONFIGURATION.md, Performance)");
+    }
     // READY once the FUSE session is up: a little after this, the mount exists
     let mp_ready = cfg.mountpoint.clone();
     std::thread::spawn(move || {
