@@ -68,6 +68,8 @@ impl Fs {
                 "errors": self.stats.errors.load(Relaxed),
                 "bytes_read": self.stats.data_bytes_read.load(Relaxed),
                 "bytes_written": self.stats.data_bytes_written.load(Relaxed),
+                "readahead_windows": self.stats.readahead_windows.load(Relaxed),
+                "readahead_bytes": self.stats.readahead_bytes.load(Relaxed),
                 "inodes_created": self.stats.inodes_created.load(Relaxed),
                 "inodes_deallocated": self.stats.inodes_deallocated.load(Relaxed),
                 "blocks_allocated": self.stats.blocks_allocated.load(Relaxed),
@@ -180,6 +182,8 @@ impl Fs {
         x.family("mcfs_node_data_bytes_total", "counter", "File data bytes, by direction.");
         x.sample("mcfs_node_data_bytes_total", &[("op", "read")], self.stats.data_bytes_read.load(Relaxed) as f64);
         x.sample("mcfs_node_data_bytes_total", &[("op", "write")], self.stats.data_bytes_written.load(Relaxed) as f64);
+        x.single("mcfs_node_readahead_windows_total", "counter", "Read-ahead windows read in the background for sequential readers of large files.", self.stats.readahead_windows.load(Relaxed) as f64);
+        x.single("mcfs_node_readahead_bytes_total", "counter", "File data bytes reads took from read-ahead windows.", self.stats.readahead_bytes.load(Relaxed) as f64);
         x.single("mcfs_node_inodes_deallocated_total", "counter", "Inodes this node deallocated.", self.stats.inodes_deallocated.load(Relaxed) as f64);
         x.single("mcfs_node_withdrawn", "gauge", "1 once the node has withdrawn from the filesystem.", f64::from(u8::from(self.is_withdrawn())));
         x.finish()

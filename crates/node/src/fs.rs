@@ -66,6 +66,9 @@ pub struct FsStats {
     pub inodes_deallocated: AtomicU64,
     pub data_bytes_read: AtomicU64,
     pub data_bytes_written: AtomicU64,
+    /// Read-ahead windows that landed, and the bytes reads took from them.
+    pub readahead_windows: AtomicU64,
+    pub readahead_bytes: AtomicU64,
     pub ops: AtomicU64,
     pub errors: AtomicU64,
     pub journals_replayed: AtomicU64,

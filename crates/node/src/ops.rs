@@ -946,6 +946,7 @@ impl Fs {
         let len = (end - off) as usize;
         Ok(match hit {
             Some((data, s, last)) => {
+                self.stats.readahead_bytes.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
                 let r = f(&data[s..s + len]);
                 if let Some(charge) = last {
                     drop(charge);
@@ -1032,6 +1033,7 @@ impl Fs {
                 let mut ra = inode.ra.lock().unwrap_or_else(|p| p.into_inner());
                 let go_on = match data {
                     Some((v, charge)) if ra.epoch == epoch => {
+                        fs.stats.readahead_windows.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let full = v.len() as u64 == window;
                         ra.land(at, Arc::new(v), Some(charge));
                         full
@@ -1182,15 +1184,11 @@ impl Fs {
                 }
                 done += n;
             }
-            // cached copies of the written range are stale
-            let first = off / bs;
-            let last = (off + done as u64).div_ceil(bs);
-            for l in first..last {
-                if inode.cached_block(l).is_some() {
-                    inode.drop_data_from(first);
-                    break;
-                }
-            }
+            // cached copies of the written range are stale, read-ahead
+            // windows too (before, only the small-file block cache was
+            // checked: a sequential reader of a large file read back what it
+            // had read ahead before this node's own write)
+            inode.written(off, off + done as u64, bs);
             if done == 0 {
                 return Err(FsError::NoSpace);
             }

@@ -78,6 +78,11 @@ impl Readahead {
         self.inflight.iter().any(|&(o, l)| o <= off && end <= o + l)
     }
 
+    /// Does any window, ready or being read, hold a byte of `[off, end)`?
+    pub fn overlaps(&self, off: u64, end: u64) -> bool {
+        self.ready.iter().any(|(o, d, _)| *o < end && off < o + d.len() as u64) || self.inflight.iter().any(|&(o, l)| o < end && off < o + l)
+    }
+
     /// A window read by a background thread lands: kept in file order (two
     /// threads may finish out of order).
     pub fn land(&mut self, at: u64, data: Arc<mcfs_blockdev::AlignedBuf>, charge: Option<Charge>) {
@@ -164,6 +169,26 @@ impl Inode {
         ra.clear();
         drop(ra);
         self.ra_cv.notify_all();
+    }
+
+    /// This node wrote `[off, end)` (under the inode glock, exclusive):
+    /// cached blocks and read-ahead windows holding any of it are stale. A
+    /// window still being read may hold the bytes from before the write, so
+    /// it must not land either ([`Readahead::clear`] moves the epoch on).
+    pub fn written(&self, off: u64, end: u64, bs: u64) {
+        let first = off / bs;
+        let cached = self.data.lock().unwrap_or_else(|p| p.into_inner()).range(first..end.div_ceil(bs)).next().is_some();
+        if cached {
+            // drops read-ahead too
+            self.drop_data_from(first);
+            return;
+        }
+        let mut ra = self.ra.lock().unwrap_or_else(|p| p.into_inner());
+        if ra.overlaps(off, end) {
+            ra.clear();
+            drop(ra);
+            self.ra_cv.notify_all();
+        }
     }
 
     pub fn data_blocks_cached(&self) -> usize {
@@ -449,6 +474,15 @@ mod tests {
 
     fn window(n: usize) -> Arc<mcfs_blockdev::AlignedBuf> {
         Arc::new(mcfs_blockdev::AlignedBuf::new(n))
+    }
+
+    #[test]
+    fn a_write_overlapping_a_window_ready_or_in_flight_is_seen() {
+        let mut ra = Readahead::default();
+        ra.land(100, window(100), None);
+        ra.inflight.push((300, 100));
+        assert!(ra.overlaps(150, 151) && ra.overlaps(0, 101) && ra.overlaps(199, 400) && ra.overlaps(399, 500));
+        assert!(!ra.overlaps(0, 100) && !ra.overlaps(200, 300) && !ra.overlaps(400, 900));
     }
 
     #[test]
