@@ -6,7 +6,8 @@
 //!   reads and odd sizes, while the same node writes ahead of it (into windows
 //!   already read), truncates under it, appends, and jumps; every read is
 //!   compared with a shadow copy. Then one clean pass shows that reads were
-//!   served from read-ahead windows (`ops.readahead_bytes`).
+//!   served from read-ahead windows (`ops.readahead_bytes`), and a reader
+//!   that closes half-way gives its windows' memory back.
 //! * Two nodes: node 2 reads sequentially while node 1 writes ahead of it; the
 //!   inode glock moving to node 1 must drop node 2's windows.
 //!
@@ -27,7 +28,8 @@ use std::path::Path;
 
 use mcfs_integration::rng::{env_u64, Rng};
 use mcfs_integration::seed::node_status;
-use mcfs_integration::TestCluster;
+use mcfs_integration::{wait_for, TestCluster};
+use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 const CHUNK: u64 = 128 << 10;
@@ -159,6 +161,24 @@ fn sequential_reads_see_writes_truncates_and_jumps_around_their_windows() {
         (b1 - b0) >> 20
     );
     drop(f);
+
+    // a reader that stops half-way and closes: the windows it had ahead go
+    // with the last close (they are memory charged to the budget)
+    let used = || node_status(&tc, 1)["memory"]["used"].as_u64().unwrap_or(0);
+    let half = tc.mnt(1).join("half");
+    let shadow = make_file(&half, 24 * MIB);
+    // nothing written behind still charged: the budget holds steady from here
+    File::open(&half).unwrap().sync_all().unwrap();
+    let base = used();
+    let g = File::open(&half).unwrap();
+    let mut off = 0;
+    while off < 8 * MIB {
+        off += read_check(&g, &shadow, off, CHUNK, "half-way reader", seed);
+    }
+    let ahead = wait_for("read-ahead windows to land", Duration::from_secs(20), || (used() >= base + 8 * MIB).then(used)).unwrap();
+    drop(g);
+    let after = wait_for("the last close to drop the windows", Duration::from_secs(20), || (used() + 8 * MIB <= ahead).then(used)).unwrap();
+    eprintln!("budget used: {} MiB before the reader, {} MiB with its windows ahead, {} MiB after its close", base >> 20, ahead >> 20, after >> 20);
     tc.c.stop(1).unwrap();
 }
 

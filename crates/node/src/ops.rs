@@ -841,6 +841,8 @@ impl Fs {
         if prev > 1 || i.opens.load(Ordering::Acquire) > 0 || self.is_withdrawn() {
             return;
         }
+        // nobody reads on from where the windows are: give their memory back
+        i.drop_readahead();
         let Some(ms) = MaySleep::new() else { return };
         // Last close here. Another node may have removed the last name while
         // we had it open: we then hold the duty to deallocate (iopen protocol).

@@ -154,10 +154,7 @@ impl Inode {
         let n = d.len();
         d.clear();
         drop(d);
-        let mut ra = self.ra.lock().unwrap_or_else(|p| p.into_inner());
-        ra.clear();
-        drop(ra);
-        self.ra_cv.notify_all();
+        self.drop_readahead();
         n
     }
 
@@ -165,10 +162,7 @@ impl Inode {
         let mut d = self.data.lock().unwrap_or_else(|p| p.into_inner());
         let _ = d.split_off(&lblk);
         drop(d);
-        let mut ra = self.ra.lock().unwrap_or_else(|p| p.into_inner());
-        ra.clear();
-        drop(ra);
-        self.ra_cv.notify_all();
+        self.drop_readahead();
     }
 
     /// This node wrote `[off, end)` (under the inode glock, exclusive):
@@ -189,6 +183,12 @@ impl Inode {
             drop(ra);
             self.ra_cv.notify_all();
         }
+    }
+
+    /// Forget what was read ahead (the file's last close here).
+    pub fn drop_readahead(&self) {
+        self.ra.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.ra_cv.notify_all();
     }
 
     pub fn data_blocks_cached(&self) -> usize {
