@@ -14,8 +14,9 @@
 //! What the first test found at once (seed 0x5eada11e, step 127): a write
 //! on the reading node left the windows already read ahead in place (it
 //! dropped only the small-file block cache), so the reader got back the
-//! bytes from before the write. Found in every build since read-ahead came
-//! in; a write now drops the windows it overlaps (`Inode::written`).
+//! bytes from before the write. It reproduces with a build from before huge
+//! pages and write-behind, so it is older than them; a write now drops the
+//! windows it overlaps (`Inode::written`).
 //!
 //! `MCFS_RA_SEED=S` replays a run; the seed and the operations before the
 //! bad read are printed on failure.
