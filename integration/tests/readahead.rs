@@ -8,6 +8,8 @@
 //!   compared with a shadow copy. Then one clean pass shows that reads were
 //!   served from read-ahead windows (`ops.readahead_bytes`), and a reader
 //!   that closes half-way gives its windows' memory back.
+//! * Two readers of one file on one node, taking turns: each open handle has
+//!   its own read-ahead, so neither sees the other's reads as jumps.
 //! * Two nodes: node 2 reads sequentially while node 1 writes ahead of it; the
 //!   inode glock moving to node 1 must drop node 2's windows.
 //!
@@ -180,6 +182,31 @@ fn sequential_reads_see_writes_truncates_and_jumps_around_their_windows() {
     drop(g);
     let after = wait_for("the last close to drop the windows", Duration::from_secs(20), || (used() + 8 * MIB <= ahead).then(used)).unwrap();
     eprintln!("budget used: {} MiB before the reader, {} MiB with its windows ahead, {} MiB after its close", base >> 20, ahead >> 20, after >> 20);
+    tc.c.stop(1).unwrap();
+}
+
+#[test]
+fn two_readers_of_one_file_each_get_read_ahead() {
+    let (dir, mut o) = TestCluster::options(1);
+    o.nolock = true;
+    let tc = TestCluster::up(dir, &o).unwrap();
+    let p = tc.mnt(1).join("shared");
+    let shadow = make_file(&p, 32 * MIB);
+    let (a, b) = (File::open(&p).unwrap(), File::open(&p).unwrap());
+    let (_, b0) = status_ops(&tc, 1);
+    // two readers taking turns, b a quarter of the file behind a: to a
+    // single read-ahead state every read would look like a jump
+    let (mut pa, mut pb) = (8 * MIB, 0);
+    let mut read = 0;
+    while pa < shadow.len() as u64 {
+        pa += read_check(&a, &shadow, pa, CHUNK, "reader a", 0);
+        pb += read_check(&b, &shadow, pb, CHUNK, "reader b", 0);
+        read += 2 * CHUNK;
+    }
+    let (_, b1) = status_ops(&tc, 1);
+    assert!(b1 - b0 >= read / 2, "each reader has its own read-ahead: {} of {read} bytes came from windows", b1 - b0);
+    eprintln!("two readers: {} of {} MiB from read-ahead", (b1 - b0) >> 20, read >> 20);
+    drop((a, b));
     tc.c.stop(1).unwrap();
 }
 

@@ -404,15 +404,16 @@ impl Filesystem for McfsFuse {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.open(self.ino(ino)) {
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
+            // a handle per open: each has its own read-ahead
+            Ok(_) => reply.opened(FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed)), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn read(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
+    fn read(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
         // the reply copies straight from the read-ahead window or device buffer
         let mut reply = Some(reply);
-        let r = self.fs.read_with(self.ino(ino), offset, size, |d| {
+        let r = self.fs.read_handle_with(self.ino(ino), fh.0, offset, size, |d| {
             if let Some(rp) = reply.take() {
                 rp.data(d);
             }
@@ -437,8 +438,8 @@ impl Filesystem for McfsFuse {
         reply.error(Errno::ENOSYS);
     }
 
-    fn release(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
-        self.fs.release(self.ino(ino));
+    fn release(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+        self.fs.release_handle(self.ino(ino), fh.0);
         reply.ok();
     }
 
@@ -516,7 +517,7 @@ impl Filesystem for McfsFuse {
         self.names_in(parent);
         match self.fs.create_open(self.ino(parent), name.as_bytes(), mode & !umask, caller(req), flags & libc::O_EXCL != 0) {
             // fuser's created() takes one TTL for the name and the attributes
-            Ok(a) => reply.created(&self.ttls.entry.min(self.ttls.entry_attr), &self.attr(&a), Generation(a.generation), FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
+            Ok(a) => reply.created(&self.ttls.entry.min(self.ttls.entry_attr), &self.attr(&a), Generation(a.generation), FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed)), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(errno(&e)),
         }
     }

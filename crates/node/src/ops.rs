@@ -832,6 +832,15 @@ impl Fs {
         })
     }
 
+    /// Close of handle `fh` (see [`Fs::read_handle_with`]): its read-ahead
+    /// goes, then as [`Fs::release`].
+    pub fn release_handle(&self, ino: u64, fh: u64) {
+        if let Some(i) = self.icache.get(ino) {
+            i.close_readahead(fh);
+        }
+        self.release(ino);
+    }
+
     /// Last close of a handle.
     pub fn release(&self, ino: u64) {
         let Some(i) = self.icache.get(ino) else {
@@ -842,7 +851,7 @@ impl Fs {
             return;
         }
         // nobody reads on from where the windows are: give their memory back
-        i.drop_readahead();
+        i.reset_readahead();
         let Some(ms) = MaySleep::new() else { return };
         // Last close here. Another node may have removed the last name while
         // we had it open: we then hold the duty to deallocate (iopen protocol).
@@ -874,6 +883,14 @@ impl Fs {
     /// [`Fs::read`] handing the bytes to `f` in place (the FUSE reply copies
     /// them straight from the read-ahead window or the device buffer).
     pub fn read_with<R>(&self, ino: u64, off: u64, size: u32, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        self.read_handle_with(ino, 0, off, size, f)
+    }
+
+    /// [`Fs::read_with`] through open file handle `fh` (a number the caller
+    /// gives each open, the FUSE file handle; 0 is [`Fs::read_with`]'s):
+    /// each handle has its own read-ahead, dropped by
+    /// [`Fs::release_handle`].
+    pub fn read_handle_with<R>(&self, ino: u64, fh: u64, off: u64, size: u32, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
         self.op(|ms| {
             let inode = self.cached(ino)?;
             let _h = self.lock(ino, Mode::PR, ms)?;
@@ -885,7 +902,7 @@ impl Fs {
                 return Ok(f(&self.read_data(&d, off, size)?));
             }
             if d.size > CACHE_FILE_MAX {
-                return self.read_streaming(&inode, &d, off, size, f);
+                return self.read_streaming(&inode, fh, &d, off, size, f);
             }
             Ok(f(&self.read_cached(&inode, &d, off, size)?))
         })
@@ -893,16 +910,19 @@ impl Fs {
 
     /// Large files: no cache, but a sequential reader gets the next windows
     /// read ahead in the background (the kernel does no read-ahead for
-    /// direct-I/O files). Called with the inode glock held shared.
-    fn read_streaming<R>(&self, inode: &Arc<Inode>, d: &Dinode, off: u64, size: u32, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+    /// direct-I/O files), in the read-ahead stream of its file handle `fh`.
+    /// Called with the inode glock held shared.
+    fn read_streaming<R>(&self, inode: &Arc<Inode>, fh: u64, d: &Dinode, off: u64, size: u32, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
         let end = (off + size as u64).min(d.size);
         if off >= end {
             return Ok(f(&[]));
         }
         // does a window at `ro` of `n` bytes hold this whole read?
         let covers = |ro: u64, n: u64| ro <= off && end <= ro + n;
-        let (hit, sequential) = {
-            let mut ra = inode.ra.lock().unwrap_or_else(|p| p.into_inner());
+        let (hit, sequential, id) = {
+            let mut set = inode.ra.lock().unwrap_or_else(|p| p.into_inner());
+            let ra = set.stream(fh);
+            let id = ra.id;
             let sequential = ra.next == off;
             ra.next = end;
             if !sequential {
@@ -914,6 +934,7 @@ impl Fs {
             // device read) rather than read the same blocks twice.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
             loop {
+                let Some(ra) = set.get(fh, id) else { break };
                 if ra.ready.iter().any(|(ro, data, _)| covers(*ro, data.len() as u64)) {
                     break;
                 }
@@ -922,28 +943,33 @@ impl Fs {
                 if !waiting || now >= deadline {
                     break;
                 }
-                ra = inode.ra_cv.wait_timeout(ra, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+                set = inode.ra_cv.wait_timeout(set, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
             }
-            // windows wholly before this read are consumed
-            while ra.ready.front().is_some_and(|(ro, data, _)| ro + data.len() as u64 <= off) {
-                if let Some((_, data, charge)) = ra.ready.pop_front() {
-                    drop(charge);
-                    self.recycle_window(data);
-                }
-            }
-            let at = ra.ready.iter().position(|(ro, data, _)| covers(*ro, data.len() as u64));
-            let hit = match at {
-                // a read to the window's end is its last (the reader moves
-                // on, or the file ends here): it leaves with this read
-                Some(i) if ra.ready[i].0 + ra.ready[i].1.len() as u64 == end => ra.ready.remove(i).map(|(ro, data, charge)| (data, (off - ro) as usize, Some(charge))),
-                Some(i) => Some((ra.ready[i].1.clone(), (off - ra.ready[i].0) as usize, None)),
+            let hit = match set.get(fh, id) {
+                // invalidated while waiting: read from the device
                 None => None,
+                Some(ra) => {
+                    // windows wholly before this read are consumed
+                    while ra.ready.front().is_some_and(|(ro, data, _)| ro + data.len() as u64 <= off) {
+                        if let Some((_, data, charge)) = ra.ready.pop_front() {
+                            drop(charge);
+                            self.recycle_window(data);
+                        }
+                    }
+                    match ra.ready.iter().position(|(ro, data, _)| covers(*ro, data.len() as u64)) {
+                        // a read to the window's end is its last (the reader
+                        // moves on, or the file ends here): it leaves with it
+                        Some(i) if ra.ready[i].0 + ra.ready[i].1.len() as u64 == end => ra.ready.remove(i).map(|(ro, data, charge)| (data, (off - ro) as usize, Some(charge))),
+                        Some(i) => Some((ra.ready[i].1.clone(), (off - ra.ready[i].0) as usize, None)),
+                        None => None,
+                    }
+                }
             };
-            (hit, sequential)
+            (hit, sequential, id)
         };
         // start the next window before copying this one out
         if sequential && end < d.size {
-            self.start_readahead(inode, end);
+            self.start_readahead(inode, fh, id, end);
         }
         let len = (end - off) as usize;
         Ok(match hit {
@@ -963,18 +989,20 @@ impl Fs {
         })
     }
 
-    /// Keep [`Readahead::DEPTH`] windows ahead of a sequential reader at
-    /// `from`: up to [`Readahead::STREAMS`] background threads per inode each
-    /// take the next window not yet claimed, and stop when the reader is far
-    /// enough behind, at the end of the file, on an invalidation, or when the
-    /// glock is no longer cached here. Together, the windows ahead take at most
+    /// Keep [`Readahead::DEPTH`] windows ahead of the sequential reader of
+    /// stream `id` (handle `fh`) at `from`: up to [`Readahead::THREADS`]
+    /// background threads per stream each take the next window not yet
+    /// claimed, and stop when the reader is far enough behind, at the end of
+    /// the file, when the stream is invalidated, replaced or closed, or when
+    /// the glock is no longer cached here. One stream's windows take at most
     /// an eighth of the cache budget.
-    fn start_readahead(&self, inode: &Arc<Inode>, from: u64) {
+    fn start_readahead(&self, inode: &Arc<Inode>, fh: u64, id: u64, from: u64) {
         let window = READAHEAD_MAX.min(self.budget.limit() / (8 * Readahead::DEPTH as u64)).max(self.bs as u64);
         let reach = window * Readahead::DEPTH as u64;
         {
-            let mut ra = inode.ra.lock().unwrap_or_else(|p| p.into_inner());
-            if ra.running >= Readahead::STREAMS {
+            let mut set = inode.ra.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(ra) = set.get(fh, id) else { return };
+            if ra.running >= Readahead::THREADS {
                 return;
             }
             let ahead = ra.ahead_end().unwrap_or(from).max(from);
@@ -986,8 +1014,11 @@ impl Fs {
             }
             ra.running += 1;
         }
-        let stopped = |inode: &Inode| {
-            inode.ra.lock().unwrap_or_else(|p| p.into_inner()).running -= 1;
+        // a thread leaves: counted off its stream, if that is still the same
+        let stopped = move |inode: &Inode| {
+            if let Some(ra) = inode.ra.lock().unwrap_or_else(|p| p.into_inner()).get(fh, id) {
+                ra.running = ra.running.saturating_sub(1);
+            }
             inode.ra_cv.notify_all();
         };
         let Some(fs) = self.arc() else {
@@ -999,18 +1030,22 @@ impl Fs {
             let inode = me;
             loop {
                 // what to read next, if anything
-                let (at, epoch) = {
-                    let mut ra = inode.ra.lock().unwrap_or_else(|p| p.into_inner());
+                let at = {
+                    let mut set = inode.ra.lock().unwrap_or_else(|p| p.into_inner());
+                    let Some(ra) = set.get(fh, id) else {
+                        // invalidated, replaced or closed: not ours any more
+                        return;
+                    };
                     let at = ra.ahead_end().unwrap_or(ra.next).max(ra.next);
                     // windows start on a block: read straight into aligned memory
                     let at = at - at % fs.bs as u64;
                     if at >= ra.next + reach {
-                        drop(ra);
+                        drop(set);
                         stopped(&inode);
                         return;
                     }
                     ra.inflight.push((at, window));
-                    (at, ra.epoch)
+                    at
                 };
                 // The window is charged before it is read (memory in flight
                 // is memory held), and before `ra` is taken again: the charge
@@ -1032,22 +1067,24 @@ impl Fs {
                     r
                 });
                 let data = data.filter(|v| !v.is_empty()).map(|v| (v, charge));
-                let mut ra = inode.ra.lock().unwrap_or_else(|p| p.into_inner());
+                let mut set = inode.ra.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(ra) = set.get(fh, id) else {
+                    // invalidated meanwhile: what was read may be stale
+                    return;
+                };
                 let go_on = match data {
-                    Some((v, charge)) if ra.epoch == epoch => {
+                    Some((v, charge)) => {
                         fs.stats.readahead_windows.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let full = v.len() as u64 == window;
                         ra.land(at, Arc::new(v), Some(charge));
                         full
                     }
-                    _ => {
-                        if ra.epoch == epoch {
-                            ra.unclaim(at);
-                        }
+                    None => {
+                        ra.unclaim(at);
                         false
                     }
                 };
-                drop(ra);
+                drop(set);
                 if !go_on {
                     stopped(&inode);
                     return;

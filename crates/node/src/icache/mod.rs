@@ -38,33 +38,38 @@ struct DataBlock {
     _charge: Charge,
 }
 
-/// Read-ahead of a large file read sequentially: windows read by up to
-/// [`Readahead::STREAMS`] background threads ahead of the reader (up to
-/// [`Readahead::DEPTH`] windows ready or in flight), so the device always has
-/// the next reads queued while the kernel copies the current one. A read that
-/// finds its range being read ahead waits for it instead of reading it a
-/// second time.
+/// Read-ahead for one sequential reader of a large file (one open file
+/// handle): windows read by up to [`Readahead::THREADS`] background threads
+/// ahead of the reader (up to [`Readahead::DEPTH`] windows ready or in
+/// flight), so the device always has the next reads queued while the kernel
+/// copies the current one. A read that finds its range being read ahead waits
+/// for it instead of reading it a second time.
 #[derive(Default)]
 pub struct Readahead {
+    /// Which stream this is: background threads check it before they touch
+    /// the stream, so a thread of a stream that was invalidated or replaced
+    /// stops (see [`ReadaheadSet`]).
+    pub id: u64,
     /// Where the next sequential read is expected.
     pub next: u64,
     /// Windows read ahead, in file order: (offset, data, its budget charge).
     pub ready: std::collections::VecDeque<(u64, Arc<mcfs_blockdev::AlignedBuf>, Option<Charge>)>,
     /// The windows the background threads are reading now (offset, length).
     pub inflight: Vec<(u64, u64)>,
-    /// Background threads running for this inode.
+    /// Background threads running for this stream.
     pub running: usize,
-    /// Bumped by every invalidation: a prefetch started before it is dropped.
-    pub epoch: u64,
+    /// When a read last used it (the set's clock), to replace the least
+    /// recently used.
+    pub used_at: u64,
 }
 
 impl Readahead {
     /// Windows kept ahead of a sequential reader (ready or in flight).
     pub const DEPTH: usize = 3;
     /// Windows read at once: the device serves one window alone at a lower
-    /// queue depth than it needs, and a single stream leaves it idle between
+    /// queue depth than it needs, and a single thread leaves it idle between
     /// windows.
-    pub const STREAMS: usize = 2;
+    pub const THREADS: usize = 2;
 
     /// Where read-ahead data (ready or in flight) ends.
     pub fn ahead_end(&self) -> Option<u64> {
@@ -95,12 +100,90 @@ impl Readahead {
     pub fn unclaim(&mut self, at: u64) {
         self.inflight.retain(|&(o, _)| o != at);
     }
+}
 
-    /// Forget everything read ahead (an invalidation).
+/// The read-ahead of one inode: a [`Readahead`] stream per open file handle
+/// reading it (as the kernel keeps read-ahead state per open file), so two
+/// processes reading the same file sequentially do not take each other's
+/// reads for jumps. At most [`ReadaheadSet::MAX_STREAMS`]; a new one replaces
+/// the least recently used.
+#[derive(Default)]
+pub struct ReadaheadSet {
+    /// (file handle, its stream)
+    streams: Vec<(u64, Readahead)>,
+    /// Stream ids and the use clock.
+    clock: u64,
+}
+
+impl ReadaheadSet {
+    pub const MAX_STREAMS: usize = 8;
+
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    /// The stream of handle `fh`, made if there is none.
+    pub fn stream(&mut self, fh: u64) -> &mut Readahead {
+        let now = self.tick();
+        let i = match self.streams.iter().position(|(h, _)| *h == fh) {
+            Some(i) => i,
+            None => {
+                if self.streams.len() >= Self::MAX_STREAMS {
+                    if let Some(lru) = self.streams.iter().enumerate().min_by_key(|(_, (_, r))| r.used_at).map(|(i, _)| i) {
+                        self.streams.swap_remove(lru);
+                    }
+                }
+                self.streams.push((fh, Readahead { id: now, ..Readahead::default() }));
+                self.streams.len() - 1
+            }
+        };
+        let ra = &mut self.streams[i].1;
+        ra.used_at = now;
+        ra
+    }
+
+    /// Stream `id` of handle `fh`, if it is still there.
+    pub fn get(&mut self, fh: u64, id: u64) -> Option<&mut Readahead> {
+        self.streams.iter_mut().find(|(h, r)| *h == fh && r.id == id).map(|(_, r)| r)
+    }
+
+    /// Handle `fh` was closed: its stream goes.
+    pub fn remove(&mut self, fh: u64) {
+        self.streams.retain(|(h, _)| *h != fh);
+    }
+
+    /// Does a window of any stream hold a byte of `[off, end)`?
+    pub fn overlaps(&self, off: u64, end: u64) -> bool {
+        self.streams.iter().any(|(_, r)| r.overlaps(off, end))
+    }
+
+    /// Forget everything read ahead (an invalidation). Each reader keeps its
+    /// position, so its next read still counts as sequential, but its stream
+    /// gets a new id: a background thread still reading for the old one
+    /// stops, and what it read is thrown away.
     pub fn clear(&mut self) {
-        self.ready.clear();
-        self.inflight.clear();
-        self.epoch += 1;
+        for i in 0..self.streams.len() {
+            let id = self.tick();
+            let ra = &mut self.streams[i].1;
+            ra.ready.clear();
+            ra.inflight.clear();
+            ra.running = 0;
+            ra.id = id;
+        }
+    }
+
+    /// Forget the streams too (the file's last close here).
+    pub fn reset(&mut self) {
+        self.streams.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.streams.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.streams.is_empty()
     }
 }
 
@@ -115,8 +198,9 @@ pub struct Inode {
     pub iopen: Mutex<Option<Holder>>,
     /// Clean file data blocks, valid while the inode glock is held.
     data: Mutex<BTreeMap<u64, DataBlock>>,
-    /// Read-ahead state of large files (also dropped with `drop_data`).
-    pub ra: Mutex<Readahead>,
+    /// Read-ahead state of large files, a stream per open handle (also
+    /// dropped with `drop_data`).
+    pub ra: Mutex<ReadaheadSet>,
     /// Operations bringing it in that have not yet counted their lookup: while
     /// non-zero, reclaim leaves it alone (see [`Pinned`]).
     pub pins: AtomicU32,
@@ -168,7 +252,7 @@ impl Inode {
     /// This node wrote `[off, end)` (under the inode glock, exclusive):
     /// cached blocks and read-ahead windows holding any of it are stale. A
     /// window still being read may hold the bytes from before the write, so
-    /// it must not land either ([`Readahead::clear`] moves the epoch on).
+    /// it must not land either ([`ReadaheadSet::clear`] renews the ids).
     pub fn written(&self, off: u64, end: u64, bs: u64) {
         let first = off / bs;
         let cached = self.data.lock().unwrap_or_else(|p| p.into_inner()).range(first..end.div_ceil(bs)).next().is_some();
@@ -185,9 +269,21 @@ impl Inode {
         }
     }
 
-    /// Forget what was read ahead (the file's last close here).
+    /// Forget what was read ahead (an invalidation).
     pub fn drop_readahead(&self) {
         self.ra.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.ra_cv.notify_all();
+    }
+
+    /// The file's last close here: the read-ahead streams go.
+    pub fn reset_readahead(&self) {
+        self.ra.lock().unwrap_or_else(|p| p.into_inner()).reset();
+        self.ra_cv.notify_all();
+    }
+
+    /// Handle `fh` was closed: its read-ahead stream goes.
+    pub fn close_readahead(&self, fh: u64) {
+        self.ra.lock().unwrap_or_else(|p| p.into_inner()).remove(fh);
         self.ra_cv.notify_all();
     }
 
@@ -375,7 +471,7 @@ impl ICache {
             opens: AtomicU32::new(0),
             iopen: Mutex::new(iopen),
             data: Mutex::new(BTreeMap::new()),
-            ra: Mutex::new(Readahead::default()),
+            ra: Mutex::new(ReadaheadSet::default()),
             pins: AtomicU32::new(0),
             ra_cv: Condvar::new(),
             last_used: AtomicU64::new(self.tick.fetch_add(1, Ordering::Relaxed)),
@@ -469,7 +565,7 @@ impl ICache {
 
 #[cfg(test)]
 mod tests {
-    use super::Readahead;
+    use super::{Readahead, ReadaheadSet};
     use std::sync::Arc;
 
     fn window(n: usize) -> Arc<mcfs_blockdev::AlignedBuf> {
@@ -494,7 +590,7 @@ mod tests {
         assert_eq!(ra.ahead_end(), Some(300));
         assert!(ra.in_flight(120, 180));
         assert!(!ra.in_flight(150, 250), "a read across two windows is not inside one");
-        // the second stream finishes first
+        // the second thread finishes first
         ra.land(100, window(100), None);
         ra.land(200, window(100), None);
         ra.land(0, window(100), None);
@@ -502,10 +598,40 @@ mod tests {
         assert_eq!(order, vec![0, 100, 200]);
         assert!(ra.inflight.is_empty());
         assert_eq!(ra.ahead_end(), Some(300));
-        let epoch = ra.epoch;
-        ra.clear();
-        assert!(ra.ready.is_empty() && ra.inflight.is_empty());
-        assert_eq!(ra.epoch, epoch + 1);
-        assert_eq!(ra.ahead_end(), None);
+    }
+
+    #[test]
+    fn each_handle_reads_ahead_on_its_own_and_an_invalidation_renews_them_all() {
+        let mut set = ReadaheadSet::default();
+        let a = {
+            let s = set.stream(1);
+            s.next = 4096;
+            s.land(4096, window(100), None);
+            s.running = 1;
+            s.id
+        };
+        let b = {
+            let s = set.stream(2);
+            s.next = 1 << 30;
+            s.inflight.push((1 << 30, 100));
+            s.id
+        };
+        assert_ne!(a, b);
+        assert_eq!(set.stream(1).next, 4096, "handle 1 finds its own stream");
+        assert!(set.overlaps(4100, 4101) && set.overlaps(1 << 30, (1 << 30) + 1) && !set.overlaps(0, 4096));
+        set.clear();
+        assert!(set.get(1, a).is_none() && set.get(2, b).is_none(), "threads of the old streams find nothing");
+        let s = set.stream(1);
+        assert_eq!((s.next, s.ready.len(), s.running), (4096, 0, 0), "the reader keeps its place, not its windows");
+        set.remove(2);
+        assert_eq!(set.len(), 1);
+        // more handles than streams: the least recently used goes
+        for fh in 10..10 + ReadaheadSet::MAX_STREAMS as u64 {
+            set.stream(fh);
+        }
+        assert_eq!(set.len(), ReadaheadSet::MAX_STREAMS);
+        assert!(!set.streams.iter().any(|(h, _)| *h == 1), "handle 1 was used longest ago");
+        set.reset();
+        assert!(set.is_empty());
     }
 }
