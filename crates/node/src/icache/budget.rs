@@ -363,16 +363,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn direct_reclaim_runs_in_reclaim_context_and_frees() {
-        let b = Budget::new(4 << 20);
+    /// A budget of `limit` whose reclaimer frees what `charge_mib` charged,
+    /// newest first.
+    fn budget_with_freer(limit: u64) -> (Arc<Budget>, Arc<Freer>) {
+        let b = Budget::new(limit);
         let f = Arc::new(Freer { held: Mutex::new(Vec::new()), calls: 0.into(), saw_reclaim: false.into() });
         let fr: Arc<dyn Reclaimer> = f.clone();
         b.set_reclaimer(Arc::downgrade(&fr));
-        for _ in 0..8 {
+        (b, f)
+    }
+
+    /// Charge 1 MiB `n` times, each charge held by the freer.
+    fn charge_mib(b: &Arc<Budget>, f: &Freer, n: usize) {
+        for _ in 0..n {
             let c = b.charge(1 << 20);
             f.held.lock().unwrap().push(c);
         }
+    }
+
+    #[test]
+    fn direct_reclaim_runs_in_reclaim_context_and_frees() {
+        let (b, f) = budget_with_freer(4 << 20);
+        charge_mib(&b, &f, 8);
         assert!(f.calls.load(Ordering::Relaxed) > 0);
         assert!(f.saw_reclaim.load(Ordering::Relaxed));
         assert!(b.used() <= 4 << 20, "used {}", b.used());
@@ -381,14 +393,8 @@ mod tests {
 
     #[test]
     fn a_charge_reclaims_before_it_counts() {
-        let b = Budget::new(4 << 20);
-        let f = Arc::new(Freer { held: Mutex::new(Vec::new()), calls: 0.into(), saw_reclaim: false.into() });
-        let fr: Arc<dyn Reclaimer> = f.clone();
-        b.set_reclaimer(Arc::downgrade(&fr));
-        for _ in 0..4 {
-            let c = b.charge(1 << 20);
-            f.held.lock().unwrap().push(c);
-        }
+        let (b, f) = budget_with_freer(4 << 20);
+        charge_mib(&b, &f, 4);
         assert_eq!(b.used(), 4 << 20);
         // a full budget: the next charge makes room first, so usage never
         // went past the limit
