@@ -187,6 +187,12 @@ impl McfsFuse {
         }
     }
 
+    /// A fresh handle for an open file or directory (each open file's
+    /// read-ahead and each directory listing is kept under its own).
+    fn new_handle(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Run the session until unmounted. Blocks.
     pub fn run(self, mountpoint: &Path, config: &fuser::Config) -> std::io::Result<()> {
         let notifier = self.notifier.clone();
@@ -405,7 +411,7 @@ impl Filesystem for McfsFuse {
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.open(self.ino(ino)) {
             // a handle per open: each has its own read-ahead
-            Ok(_) => reply.opened(FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed)), FopenFlags::FOPEN_DIRECT_IO),
+            Ok(_) => reply.opened(FileHandle(self.new_handle()), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -453,7 +459,7 @@ impl Filesystem for McfsFuse {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.readdir(self.ino(ino)) {
             Ok(v) => {
-                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                let fh = self.new_handle();
                 self.dirs.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, Arc::new(v));
                 reply.opened(FileHandle(fh), FopenFlags::empty());
             }
@@ -517,7 +523,7 @@ impl Filesystem for McfsFuse {
         self.names_in(parent);
         match self.fs.create_open(self.ino(parent), name.as_bytes(), mode & !umask, caller(req), flags & libc::O_EXCL != 0) {
             // fuser's created() takes one TTL for the name and the attributes
-            Ok(a) => reply.created(&self.ttls.entry.min(self.ttls.entry_attr), &self.attr(&a), Generation(a.generation), FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed)), FopenFlags::FOPEN_DIRECT_IO),
+            Ok(a) => reply.created(&self.ttls.entry.min(self.ttls.entry_attr), &self.attr(&a), Generation(a.generation), FileHandle(self.new_handle()), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(errno(&e)),
         }
     }

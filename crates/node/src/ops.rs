@@ -15,6 +15,7 @@ use mcfs_format::rgrp::BlockState;
 use crate::error::{FsError, Result};
 use crate::fs::{Fs, StatFs};
 use crate::glock::{Holder, LockName, MaySleep, Mode};
+use crate::icache::budget::Charge;
 use crate::icache::{Inode, Pinned, Readahead};
 use crate::inode::{now, Attr};
 
@@ -952,8 +953,7 @@ impl Fs {
                     // windows wholly before this read are consumed
                     while ra.ready.front().is_some_and(|(ro, data, _)| ro + data.len() as u64 <= off) {
                         if let Some((_, data, charge)) = ra.ready.pop_front() {
-                            drop(charge);
-                            self.recycle_window(data);
+                            self.recycle_window(data, charge);
                         }
                     }
                     match ra.ready.iter().position(|(ro, data, _)| covers(*ro, data.len() as u64)) {
@@ -977,8 +977,7 @@ impl Fs {
                 self.stats.readahead_bytes.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
                 let r = f(&data[s..s + len]);
                 if let Some(charge) = last {
-                    drop(charge);
-                    self.recycle_window(data);
+                    self.recycle_window(data, charge);
                 }
                 r
             }
@@ -1097,9 +1096,12 @@ impl Fs {
         }
     }
 
-    /// A consumed read-ahead window: kept for the next one if nobody else
-    /// still holds it and the spare list is short.
-    fn recycle_window(&self, data: Arc<mcfs_blockdev::AlignedBuf>) {
+    /// A consumed read-ahead window: its charge goes first (a spare is
+    /// charged again by the pool, so it is never counted twice), then the
+    /// buffer is kept for the next window if nobody else still holds it and
+    /// the spare list is short.
+    fn recycle_window(&self, data: Arc<mcfs_blockdev::AlignedBuf>, charge: Option<Charge>) {
+        drop(charge);
         if let Ok(b) = Arc::try_unwrap(data) {
             self.ra_bufs.put(b);
         }

@@ -261,30 +261,33 @@ impl Inode {
             self.drop_data_from(first);
             return;
         }
-        let mut ra = self.ra.lock().unwrap_or_else(|p| p.into_inner());
-        if ra.overlaps(off, end) {
-            ra.clear();
-            drop(ra);
-            self.ra_cv.notify_all();
-        }
+        self.change_readahead(|ra| {
+            if ra.overlaps(off, end) {
+                ra.clear();
+            }
+        });
+    }
+
+    /// Change the read-ahead set, then wake readers waiting on it (a window
+    /// they wait for may be gone).
+    fn change_readahead(&self, f: impl FnOnce(&mut ReadaheadSet)) {
+        f(&mut self.ra.lock().unwrap_or_else(|p| p.into_inner()));
+        self.ra_cv.notify_all();
     }
 
     /// Forget what was read ahead (an invalidation).
     pub fn drop_readahead(&self) {
-        self.ra.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        self.ra_cv.notify_all();
+        self.change_readahead(ReadaheadSet::clear);
     }
 
     /// The file's last close here: the read-ahead streams go.
     pub fn reset_readahead(&self) {
-        self.ra.lock().unwrap_or_else(|p| p.into_inner()).reset();
-        self.ra_cv.notify_all();
+        self.change_readahead(ReadaheadSet::reset);
     }
 
     /// Handle `fh` was closed: its read-ahead stream goes.
     pub fn close_readahead(&self, fh: u64) {
-        self.ra.lock().unwrap_or_else(|p| p.into_inner()).remove(fh);
-        self.ra_cv.notify_all();
+        self.change_readahead(|ra| ra.remove(fh));
     }
 
     pub fn data_blocks_cached(&self) -> usize {
